@@ -1,0 +1,1 @@
+"""Model definitions and export recipes (installed as ``graphfuse.models``)."""

@@ -1,0 +1,1 @@
+"""Rewrite passes of graphfuse (installed as ``graphfuse.passes``)."""
