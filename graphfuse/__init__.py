@@ -1,2 +1,7 @@
-"""graphfuse: FFN Fusion for ONNX models of transformer LLMs."""
+"""graphfuse: FFN Fusion for ONNX models of transformer LLMs (arXiv 2503.18908)."""
+
+from graphfuse.api import FusionReport, Inspection, fuse, fuse_file, inspect
+from graphfuse.errors import GraphfuseError
+
 __version__ = "0.1.0"
+__all__ = ["FusionReport", "GraphfuseError", "Inspection", "fuse", "fuse_file", "inspect"]

@@ -1,0 +1,263 @@
+"""The Python API: `inspect` a model, `fuse` its FFN runs, get a `FusionReport`.
+
+    model, report = graphfuse.fuse("model.onnx", runs="all", keep_last=True)
+    report = graphfuse.fuse_file("model.onnx", "fused.onnx", runs="3-7,24-28")
+
+Block numbers are FFN-block indices in graph order, 0-based, as `inspect` prints them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from graphfuse import onnx_io
+from graphfuse.blocks import FfnBlock, NearMiss, find_blocks
+from graphfuse.errors import GraphfuseError
+from graphfuse.graph import GraphIndex
+from graphfuse.runs import Refusal, Run, find_runs
+
+ModelLike = onnx.ModelProto | str | os.PathLike
+
+
+@dataclass
+class Inspection:
+    """What the recogniser and the run finder see in a model."""
+
+    index: GraphIndex
+    blocks: list[FfnBlock]
+    runs: list[Run]  # maximal runs, single blocks included
+    refusals: list[Refusal]
+    near_misses: list[NearMiss]
+
+    def fusable(self) -> list[Run]:
+        return [r for r in self.runs if len(r) > 1]
+
+    def as_dict(self) -> dict:
+        g = self.index
+        return {
+            "blocks": [
+                {
+                    "index": b.index,
+                    "residual_add": g.node(b.residual_add).name or b.residual_out,
+                    "hidden": b.hidden,
+                    "intermediate": b.intermediate,
+                    "activation": b.activation,
+                    "eps": b.norm.eps,
+                    "norm": b.norm.op,
+                    "dtype": b.dtype,
+                }
+                for b in self.blocks
+            ],
+            "runs": [str(r) for r in self.runs if len(r) > 1],
+            "refusals": [
+                {"blocks": f"{r.left}-{r.left + 1}", "reason": r.reason} for r in self.refusals
+            ],
+            "near_misses": [asdict(m) for m in self.near_misses],
+        }
+
+
+@dataclass
+class Depth:
+    ffn_stages: int  # FFN blocks a token passes through one after another
+    gemms: int  # MatMul/Gemm nodes on the longest path of the graph
+
+
+@dataclass
+class FusionReport:
+    blocks: int
+    runs_fused: list[str]
+    widths: list[int]  # Σ I of each fused run
+    refusals: list[dict]
+    nodes_before: int
+    nodes_after: int
+    parameters_before: int
+    parameters_after: int
+    depth_before: Depth
+    depth_after: Depth
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def _load(model: ModelLike) -> tuple[onnx.ModelProto, Path | None]:
+    if isinstance(model, onnx.ModelProto):
+        return model, None
+    return onnx_io.load(model), onnx_io.model_base_dir(model)
+
+
+def inspect(model: ModelLike, base_dir: Path | None = None) -> Inspection:
+    """Find the FFN blocks, runs and refusals of a model (a proto or a path); ``base_dir`` is
+    where a proto's external data lives."""
+    proto, found_dir = _load(model)
+    g = GraphIndex(proto, base_dir or found_dir)
+    blocks, misses = find_blocks(g)
+    runs, refusals = find_runs(g, blocks, misses)
+    return Inspection(g, blocks, runs, refusals, misses)
+
+
+def parse_runs(spec: str | list[tuple[int, int]], found: Inspection) -> list[Run]:
+    """``"all"``, ``"3-7,24-28"`` or [(3, 7), …] → runs; each must lie inside one maximal run."""
+    if isinstance(spec, str):
+        if spec.strip() == "all":
+            return found.fusable()
+        pairs = []
+        for part in spec.split(","):
+            try:
+                a, _, b = part.strip().partition("-")
+                pairs.append((int(a), int(b or a)))
+            except ValueError:
+                raise GraphfuseError(
+                    f"--runs: '{part}' is not a block range like 3-7 (or use 'all')"
+                ) from None
+    else:
+        pairs = list(spec)
+    runs = []
+    for a, b in pairs:
+        if not 0 <= a < b < len(found.blocks):
+            raise GraphfuseError(
+                f"runs: {a}-{b} names no run: blocks are numbered 0-{len(found.blocks) - 1} and a "
+                "run needs at least two (see 'graphfuse inspect')"
+            )
+        broken = [r for r in found.refusals if a <= r.left < b]
+        if broken:
+            r = broken[0]
+            raise GraphfuseError(
+                f"runs: {a}-{b} is not one run: blocks {r.left} and {r.left + 1} cannot be fused "
+                f"({r.reason})"
+            )
+        runs.append(Run(a, b))
+    runs.sort(key=lambda r: r.first)
+    for left, right in itertools.pairwise(runs):
+        if right.first <= left.last:
+            raise GraphfuseError(f"runs: {left} and {right} overlap")
+    return runs
+
+
+def plan(
+    found: Inspection,
+    runs: str | list[tuple[int, int]] = "all",
+    *,
+    max_run_length: int | None = None,
+    keep_last: bool = False,
+) -> list[Run]:
+    """The runs to fuse: ``runs`` split into pieces of at most ``max_run_length`` blocks, each
+    without its last block when ``keep_last`` (the paper's Table 5), pieces of one dropped."""
+    if max_run_length is not None and max_run_length < 2:
+        raise GraphfuseError("--max-run-length must be at least 2")
+    chosen = []
+    for run in parse_runs(runs, found):
+        step = max_run_length or len(run)
+        for a in range(run.first, run.last + 1, step):
+            piece = Run(a, min(a + step - 1, run.last))
+            if keep_last:
+                piece = Run(piece.first, piece.last - 1)
+            if len(piece) > 1:
+                chosen.append(piece)
+    return chosen
+
+
+def depth(model: onnx.ModelProto, ffn_stages: int) -> Depth:
+    """Sequential depth: FFN stages, and GEMMs on the graph's longest path."""
+    longest: dict[str, int] = {}
+    best = 0
+    for node in model.graph.node:
+        d = max((longest.get(v, 0) for v in node.input), default=0)
+        d += node.op_type in ("MatMul", "Gemm")
+        for v in node.output:
+            longest[v] = d
+        best = max(best, d)
+    return Depth(ffn_stages, best)
+
+
+def parameters(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+
+
+def fuse(
+    model: ModelLike,
+    runs: str | list[tuple[int, int]] = "all",
+    *,
+    max_run_length: int | None = None,
+    keep_last: bool = False,
+    progress: bool = False,
+) -> tuple[onnx.ModelProto, FusionReport]:
+    """Fuse ``runs`` of ``model`` in memory; return the new model and its report."""
+    return _fuse(model, runs, max_run_length, keep_last, progress, sink=None)
+
+
+def fuse_file(
+    model: str | os.PathLike,
+    output: str | os.PathLike,
+    runs: str | list[tuple[int, int]] = "all",
+    *,
+    max_run_length: int | None = None,
+    keep_last: bool = False,
+    progress: bool = False,
+    check: bool = True,
+) -> FusionReport:
+    """Fuse a model file into ``output`` (atomically; external data beside it, streamed so that
+    memory stays near one run's weights). The input is only read."""
+    source = Path(model)
+    proto = onnx_io.load(source)
+    base_dir = onnx_io.model_base_dir(source)
+    out = onnx_io.check_output_path(output, [source, *onnx_io.external_files(proto, base_dir)])
+    input_valid = check and onnx_io.validation_error(source) is None
+    sink = None
+    if onnx_io.needs_external_data(proto):
+        sink = onnx_io.TensorSink(out.with_name(out.name + ".data"))
+    try:
+        fused, report = _fuse(proto, runs, max_run_length, keep_last, progress, sink, base_dir)
+        onnx_io.save(fused, out, base_dir=base_dir, sink=sink)
+    except BaseException:
+        if sink is not None:
+            sink.discard()
+        raise
+    # Post-condition: what the checker and shape inference accepted, they still accept.
+    if input_valid and (problem := onnx_io.validation_error(out)) is not None:
+        raise GraphfuseError(f"internal error: the fused model fails validation: {problem}")
+    return report
+
+
+def _fuse(model, runs, max_run_length, keep_last, progress, sink, base_dir=None):
+    from graphfuse.passes.fuse_ffn import fuse_ffn_runs
+
+    found = inspect(model, base_dir)
+    model = found.index.model
+    if not found.blocks:
+        raise GraphfuseError(
+            "no FFN blocks found: the model has no gated FFN (norm → gate/up → act → down → "
+            "residual Add) that graphfuse recognises"
+        )
+    chosen = plan(found, runs, max_run_length=max_run_length, keep_last=keep_last)
+    with tqdm(
+        total=sum(len(r) for r in chosen), desc="fusing", unit="block", disable=not progress
+    ) as bar:
+        fused, done = fuse_ffn_runs(
+            found.index, [[found.blocks[i] for i in r.indices] for r in chosen], sink, bar
+        )
+    stages_before = len(found.blocks)
+    stages_after = stages_before - sum(len(r) - 1 for r in chosen)
+    report = FusionReport(
+        blocks=len(found.blocks),
+        runs_fused=[f"{r.first}-{r.last}" for r in done],
+        widths=[r.width for r in done],
+        refusals=[{"blocks": f"{r.left}-{r.left + 1}", "reason": r.reason} for r in found.refusals],
+        nodes_before=len(model.graph.node),
+        nodes_after=len(fused.graph.node),
+        parameters_before=parameters(model),
+        parameters_after=parameters(fused),
+        depth_before=depth(model, stages_before),
+        depth_after=depth(fused, stages_after),
+    )
+    if not chosen:
+        report.notes.append("nothing to fuse: no run of two or more blocks was selected")
+    return fused, report

@@ -1,0 +1,167 @@
+"""The `graphfuse` command: a thin layer of argument groups over the library.
+
+Errors print one line (``graphfuse: error: …``) and exit 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from graphfuse.errors import GraphfuseError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    def register(fn):
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+# -- shared argument groups ----------------------------------------------------------------------
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="ONNX model file (external data beside it)")
+
+
+def _selection_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("which runs to fuse")
+    g.add_argument(
+        "--runs",
+        default="all",
+        help="block ranges as inspect numbers them, e.g. 3-7,24-28; or 'all' (default)",
+    )
+    g.add_argument("--max-run-length", type=int, metavar="N", help="split runs longer than N")
+    g.add_argument(
+        "--keep-last", action="store_true", help="leave the last FFN of each run unfused"
+    )
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", type=Path, required=True, help="output ONNX file")
+
+
+def _json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+# -- commands ----------------------------------------------------------------------------------------
+
+
+@command("inspect")
+def _inspect(args: argparse.Namespace) -> int:
+    from graphfuse.api import inspect
+
+    found = inspect(args.model)
+    if args.json:
+        print(json.dumps(found.as_dict(), indent=2))
+        return 0
+    print(f"{len(found.blocks)} FFN blocks in {args.model}")
+    if found.blocks:
+        print(
+            f"{'block':>5}  {'H':>6}  {'I':>6}  {'act':<9}  {'eps':<8}  {'norm':<16}  {'dtype':<8}  residual Add"
+        )
+        for b in found.blocks:
+            name = found.index.node(b.residual_add).name or b.residual_out
+            print(
+                f"{b.index:>5}  {b.hidden:>6}  {b.intermediate:>6}  {b.activation:<9}  "
+                f"{b.norm.eps:<8.2g}  {b.norm.op:<16}  {b.dtype:<8}  {name}"
+            )
+    fusable = found.fusable()
+    print(f"\nfusable runs: {', '.join(map(str, fusable)) or 'none'}")
+    if found.refusals:
+        print("\nnot fusable:")
+        for r in found.refusals:
+            print(f"  {r.left}-{r.left + 1}: {r.reason}")
+    if found.near_misses:
+        print("\nrefused candidates:")
+        for m in found.near_misses:
+            print(f"  {m.name}: {m.reason}")
+    return 0
+
+
+@command("fuse")
+def _fuse(args: argparse.Namespace) -> int:
+    from graphfuse.api import fuse_file
+
+    report = fuse_file(
+        args.model,
+        args.output,
+        args.runs,
+        max_run_length=args.max_run_length,
+        keep_last=args.keep_last,
+        progress=not args.json,
+    )
+    if args.json:
+        print(report.to_json())
+        return 0
+    print(f"fused runs: {', '.join(report.runs_fused) or 'none'} (of {report.blocks} FFN blocks)")
+    for note in report.notes:
+        print(f"note: {note}")
+    rows = [
+        ("FFN stages", report.depth_before.ffn_stages, report.depth_after.ffn_stages),
+        ("GEMMs on the critical path", report.depth_before.gemms, report.depth_after.gemms),
+        ("nodes", report.nodes_before, report.nodes_after),
+        ("parameters", report.parameters_before, report.parameters_after),
+    ]
+    print(f"{'':<28}{'before':>14}{'after':>14}")
+    for label, before, after in rows:
+        print(f"{label:<28}{before:>14,}{after:>14,}")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="graphfuse", description="FFN Fusion for ONNX models (arXiv 2503.18908)"
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="list FFN blocks, fusable runs and refusals")
+    _model_arg(p)
+    _json_arg(p)
+
+    p = sub.add_parser("fuse", help="fuse runs of FFN blocks into wide FFNs")
+    _model_arg(p)
+    _output_args(p)
+    _selection_args(p)
+    _json_arg(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except GraphfuseError as e:
+        if args.debug:
+            raise
+        print(f"graphfuse: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `graphfuse inspect … | head`
+        return 0
+    except KeyboardInterrupt:
+        print("graphfuse: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(
+            f"graphfuse: error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Group FFN blocks into runs: consecutive blocks joined by the residual stream alone.
+
+Blocks i and i+1 can share a run when block i+1 reads exactly block i's output, that output
+goes nowhere else, and the two blocks agree on what makes one wide FFN possible (eps, activation,
+dtype, hidden size). For every adjacent pair that cannot, `Refusal.reason` says why — attention
+between them, an interior value read elsewhere, different eps — so the user can act on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from graphfuse.blocks import FfnBlock, NearMiss
+from graphfuse.graph import GraphIndex
+
+
+@dataclass(frozen=True)
+class Run:
+    """Blocks ``first..last`` (inclusive), consecutive and joined by the residual stream."""
+
+    first: int
+    last: int
+
+    def __len__(self) -> int:
+        return self.last - self.first + 1
+
+    def __str__(self) -> str:
+        return f"{self.first}-{self.last}"
+
+    @property
+    def indices(self) -> range:
+        return range(self.first, self.last + 1)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Blocks ``left`` and ``left + 1`` cannot be in one run, because of ``reason``."""
+
+    left: int
+    reason: str
+
+
+def pair_refusal(
+    g: GraphIndex,
+    a: FfnBlock,
+    b: FfnBlock,
+    misses: list[NearMiss] = (),  # type: ignore[assignment]
+) -> str | None:
+    """Why block ``b`` cannot follow block ``a`` in one run, or None when it can."""
+    if b.residual_in != a.residual_out:
+        return _between(g, a, b, misses)
+    out = a.residual_out
+    if out in g.graph_outputs:
+        return f"block {a.index}'s output '{out}' is a graph output"
+    elsewhere = [j for j in g.users(out) if j not in b.nodes]
+    if elsewhere:
+        return f"block {a.index}'s output '{out}' also feeds node {g.label(elsewhere[0])}"
+    if a.norm.eps != b.norm.eps:
+        return f"eps differs: {a.norm.eps:g} vs {b.norm.eps:g}"
+    if a.activation != b.activation or (a.signature != b.signature and a.activation == "other"):
+        return f"activation differs: {a.activation} vs {b.activation}"
+    if a.dtype != b.dtype:
+        return f"dtypes differ: {a.dtype} vs {b.dtype}"
+    if a.hidden != b.hidden:
+        return f"hidden sizes differ: {a.hidden} vs {b.hidden}"
+    return None
+
+
+def _between(g: GraphIndex, a: FfnBlock, b: FfnBlock, misses: list[NearMiss]) -> str:
+    """Describe what stands on the residual stream between two blocks."""
+    # Nodes that depend on a's output and that b's input depends on, i.e. on a path between.
+    stop = b.residual_add
+    after: set[int] = set()
+    frontier = [a.residual_out]
+    while frontier:
+        for j in g.users(frontier.pop()):
+            if j < stop and j not in after and j not in b.nodes:
+                after.add(j)
+                frontier.extend(g.node(j).output)
+    before: set[int] = set()
+    frontier = [b.residual_in]
+    while frontier:
+        at = g.producer.get(frontier.pop())
+        if at is not None and at in after and at not in before:
+            before.add(at)
+            frontier.extend(g.node(at).input)
+    between = sorted(before)
+    softmax = [j for j in between if g.node(j).op_type == "Softmax"]
+    if softmax:
+        return f"attention between them (node {g.label(softmax[0])})"
+    refused = [m for m in misses if m.node in before]
+    if refused:
+        return f"a refused FFN block between them ('{refused[0].name}': {refused[0].reason})"
+    if between:
+        return f"{len(between)} node(s) between them, first {g.label(between[0])}"
+    return f"block {b.index} does not read block {a.index}'s output"
+
+
+def find_runs(
+    g: GraphIndex,
+    blocks: list[FfnBlock],
+    misses: list[NearMiss] = (),  # type: ignore[assignment]
+) -> tuple[list[Run], list[Refusal]]:
+    """Maximal runs (single blocks included) and the refusal of every adjacent pair that breaks
+    them."""
+    runs: list[Run] = []
+    refusals: list[Refusal] = []
+    first = 0
+    for i in range(1, len(blocks) + 1):
+        reason = pair_refusal(g, blocks[i - 1], blocks[i], misses) if i < len(blocks) else ""
+        if reason is None:
+            continue
+        runs.append(Run(first, i - 1))
+        if reason:
+            refusals.append(Refusal(i - 1, reason))
+        first = i
+    return runs, refusals

@@ -1,0 +1,294 @@
+"""FFN Fusion: rewrite each run of consecutive gated FFN blocks into one wide FFN.
+
+Before (k blocks, each reading the previous one's output)::
+
+    X ─ n₁ ─ FFN₁ ─(+)─ n₂ ─ FFN₂ ─(+)─ … ─ nₖ ─ FFNₖ ─(+)─ Y
+
+After (one norm, one wide FFN, one residual Add)::
+
+    X ─ n̂ ─ MatMul[W1₁γ₁|…|W1ₖγₖ] ─ act ─┐
+         └─ MatMul[W3₁γ₁|…|W3ₖγₖ] ──────  Mul ─ MatMul[W2₁;…;W2ₖ] ─(+)─ Y
+    X ────────────────────────────────────────────────────────────┘
+
+n̂ is block 1's norm island with its gain removed (x / rms(x) is the same for every block, given
+one eps), each γᵢ is folded into the rows of the gate and up weights, gate and up weights are
+concatenated along the output features and down weights along the input features, gate and up
+biases concatenate and down biases add. So the result is *exactly* Y = X + Σᵢ FFNᵢ(nᵢ(X)) up to
+float rounding; that this approximates the sequential chain is the method's bet, measured
+elsewhere, never assumed here.
+
+Requires: blocks from `graphfuse.blocks.find_blocks` forming runs accepted by
+`graphfuse.runs.find_runs` (same eps, activation, dtype, H; interior values used nowhere else).
+Ensures: graph inputs and outputs keep their names, types and shapes; nodes and initializers
+outside the runs are untouched; new nodes are named ``graphfuse/ffn<a>-<b>/…`` and tagged in
+their doc_string; nodes and initializers left dead by the rewrite are removed; order stays
+topological (the new nodes take the place of the run's last residual Add).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import helper
+
+from graphfuse.blocks import FfnBlock, Weight
+from graphfuse.graph import GraphIndex
+from graphfuse.onnx_io import TensorSink
+
+RULE = "graphfuse.fuse_ffn"
+
+
+@dataclass(frozen=True)
+class FusedRun:
+    first: int
+    last: int
+    hidden: int
+    width: int  # Σ Iᵢ
+    output: str  # the value the fused residual Add writes (the run's original output)
+
+
+def fuse_ffn_runs(
+    g: GraphIndex,
+    runs: list[list[FfnBlock]],
+    sink: TensorSink | None = None,
+    progress=None,
+) -> tuple[onnx.ModelProto, list[FusedRun]]:
+    """Return a new model with every run in ``runs`` fused; ``g`` indexes the input model."""
+    sink = sink or TensorSink()
+    replaced: dict[int, list[onnx.NodeProto]] = {}  # anchor node -> the nodes that replace it
+    removed: set[int] = set()
+    new_tensors: list[onnx.TensorProto] = []
+    fused: list[FusedRun] = []
+    for run in runs:
+        nodes, tensors = _fuse_run(g, run, sink)
+        replaced[run[-1].residual_add] = nodes
+        removed.update(*(b.nodes for b in run))
+        new_tensors.extend(tensors)
+        fused.append(
+            FusedRun(run[0].index, run[-1].index, run[0].hidden,
+                     sum(b.intermediate for b in run), run[-1].residual_out)
+        )  # fmt: skip
+        if progress is not None:
+            progress.update(len(run))
+    model = _rebuild(g, replaced, removed, new_tensors)
+    return model, fused
+
+
+# -- one run ---------------------------------------------------------------------------------------
+
+
+def _fuse_run(
+    g: GraphIndex, run: list[FfnBlock], sink: TensorSink
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    first, last = run[0], run[-1]
+    prefix = f"graphfuse/ffn{first.index}-{last.index}"
+    doc = f"{RULE}: FFN blocks {first.index}-{last.index} as one wide FFN"
+    names: dict[str, str] = {first.residual_in: first.residual_in}
+    nodes: list[onnx.NodeProto] = []
+    tensors: list[onnx.TensorProto] = []
+
+    def emit(op: str, inputs: list[str], output: str, **attrs) -> str:
+        name = f"{prefix}/{output}"
+        nodes.append(helper.make_node(op, inputs, [name], name=name, doc_string=doc, **attrs))
+        return name
+
+    def copy_island(block_nodes, drop: dict[int, str] = {}) -> None:  # noqa: B006
+        """Copy nodes of ``first`` renamed into the prefix; ``drop`` maps a skipped node to
+        the input that stands for its output."""
+        for i in sorted(block_nodes):
+            node = g.node(i)
+            if i in drop:
+                names[node.output[0]] = names[drop[i]]
+                continue
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.input[:] = [names.get(v, v) for v in node.input]
+            copy.output[:] = [names.setdefault(v, f"{prefix}/{v}") for v in node.output]
+            copy.name = f"{prefix}/{node.name or node.output[0]}"
+            copy.doc_string = doc
+            nodes.append(copy)
+
+    # n̂: block 1's norm with its gains removed (a gain Mul is skipped; a norm op's scale
+    # becomes ones).
+    norm = first.norm
+    drop = {}
+    for at, gain in norm.gains:
+        node = g.node(at)
+        if node.op_type == "Mul":
+            drop[at] = node.input[1] if node.input[0] == gain else node.input[0]
+        else:
+            shape = g.shape_of_constant(gain)
+            ones = np.ones(shape, helper.tensor_dtype_to_np_dtype(g.elem_type(gain)))  # type: ignore[arg-type]
+            tensors.append(sink.tensor(f"{prefix}/unit_gain", ones))
+            names[gain] = f"{prefix}/unit_gain"
+    copy_island(norm.nodes, drop)
+    z = names[norm.output]
+
+    dtype = _np_dtype(g, first.gate.weight)
+    gate_w, up_w, down_w = _wide_weights(g, run, dtype)
+    for label, array in (("gate_weight", gate_w), ("up_weight", up_w), ("down_weight", down_w)):
+        tensors.append(sink.tensor(f"{prefix}/{label}", array))
+    del gate_w, up_w, down_w  # the sink holds them now (on disk when streaming)
+    biases = _wide_biases(g, run, dtype)
+
+    def project(x: str, role: str) -> str:
+        y = emit("MatMul", [x, f"{prefix}/{role}_weight"], f"{role}_matmul")
+        if role in biases:
+            tensors.append(sink.tensor(f"{prefix}/{role}_bias", biases[role]))
+            y = emit("Add", [y, f"{prefix}/{role}_bias"], f"{role}_bias_add")
+        return y
+
+    names[first.activation_input] = project(z, "gate")
+    up = project(z, "up")
+    copy_island(first.activation_nodes)
+    product = emit("Mul", [names[first.activation_output], up], "product")
+    y = project(product, "down")
+    for at in reversed(last.down_casts):
+        cast = onnx.NodeProto()
+        cast.CopyFrom(g.node(at))
+        cast.input[0] = y
+        if cast.op_type == "CastLike" and cast.input[1] == last.residual_in:
+            cast.input[1] = first.residual_in  # same stream, same type; the other is gone
+        y = cast.output[0] = f"{prefix}/{cast.output[0]}"
+        cast.name, cast.doc_string = y, doc
+        nodes.append(cast)
+    add = g.node(last.residual_add)
+    x = first.residual_in
+    inputs = [x, y] if add.input[0] == last.residual_in else [y, x]
+    nodes.append(
+        helper.make_node(
+            "Add", inputs, [last.residual_out], name=f"{prefix}/residual", doc_string=doc
+        )
+    )
+    return nodes, tensors
+
+
+def _np_dtype(g: GraphIndex, weight: Weight) -> np.dtype:
+    elem = g.elem_type(weight.name)
+    if elem == onnx.TensorProto.BFLOAT16:
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem))  # type: ignore[arg-type]
+
+
+def gain_of(g: GraphIndex, block: FfnBlock) -> np.ndarray:
+    """γ as a float32 vector [H] (the product of the norm's gains; ones when it has none)."""
+    gamma = np.ones(block.hidden, np.float32)
+    for _, name in block.norm.gains:
+        gamma = gamma * np.asarray(g.constant(name), np.float32).reshape(-1)
+    return gamma
+
+
+def _wide_weights(
+    g: GraphIndex, run: list[FfnBlock], dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[diag(γ₁)W1₁ | … ], [diag(γ₁)W3₁ | … ], [W2₁; …], filled block by block so that only
+    one block's weights are in flight beside the result."""
+    hidden = run[0].hidden
+    width = sum(b.intermediate for b in run)
+    gate = np.empty((hidden, width), dtype)
+    up = np.empty((hidden, width), dtype)
+    down = np.empty((width, hidden), dtype)
+    at = 0
+    for block in run:
+        gamma = gain_of(g, block)[:, None]
+        cols = slice(at, at + block.intermediate)
+        # γ is folded in float32 and rounded once to the weights' dtype.
+        gate[:, cols] = (gamma * block.gate.weight.load(g).astype(np.float32)).astype(dtype)
+        up[:, cols] = (gamma * block.up.weight.load(g).astype(np.float32)).astype(dtype)
+        down[cols, :] = block.down.weight.load(g)
+        at += block.intermediate
+    return gate, up, down
+
+
+def _wide_biases(g: GraphIndex, run: list[FfnBlock], dtype: np.dtype) -> dict[str, np.ndarray]:
+    """Gate and up biases concatenate (zeros where a block has none); down biases add up."""
+    out: dict[str, np.ndarray] = {}
+    for role in ("gate", "up"):
+        if any(getattr(b, role).bias for b in run):
+            out[role] = np.concatenate(
+                [_bias(g, getattr(b, role).bias, b.intermediate).astype(np.float32) for b in run]
+            ).astype(dtype)
+    if any(b.down.bias for b in run):
+        out["down"] = sum(
+            (_bias(g, b.down.bias, b.hidden).astype(np.float32) for b in run),
+            np.zeros(run[0].hidden, np.float32),
+        ).astype(dtype)
+    return out
+
+
+def _bias(g: GraphIndex, bias: Weight | None, size: int) -> np.ndarray:
+    return np.zeros(size, np.float32) if bias is None else bias.load(g).reshape(-1)
+
+
+# -- the new graph ------------------------------------------------------------------------------
+
+
+def _rebuild(
+    g: GraphIndex,
+    replaced: dict[int, list[onnx.NodeProto]],
+    removed: set[int],
+    new_tensors: list[onnx.TensorProto],
+) -> onnx.ModelProto:
+    nodes: list[onnx.NodeProto] = []
+    for i, node in enumerate(g.nodes):
+        if i in replaced:
+            nodes.extend(replaced[i])
+        elif i not in removed:
+            nodes.append(node)
+    live_before = _live(g.nodes, g.graph_outputs)
+    live_after = _live(nodes, g.graph_outputs)
+    # Drop only what the rewrite left dead (say, Constant nodes or shape computations that fed
+    # the runs); whatever was already dead in the input stays as the user had it.
+    dead = {id(n) for n in nodes if id(n) not in live_after and id(n) in live_before}
+    nodes = [n for n in nodes if id(n) not in dead]
+
+    read = {v for n in nodes for v in n.input} | g.graph_outputs
+    read_before = {v for n in g.nodes for v in n.input} | g.graph_outputs
+    model = onnx.ModelProto()
+    model.CopyFrom(_shell(g.model))
+    graph = model.graph
+    graph.node.extend(nodes)
+    for tensor in g.graph.initializer:
+        if tensor.name in read or tensor.name not in read_before:
+            graph.initializer.append(tensor)
+    graph.initializer.extend(new_tensors)
+    produced = {v for n in nodes for v in n.output}
+    graph.value_info.extend(v for v in g.graph.value_info if v.name in produced or v.name in read)
+    return model
+
+
+def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> set[int]:
+    """ids of the nodes that some graph output depends on."""
+    producer = {v: n for n in nodes for v in n.output}
+    live: set[int] = set()
+    stack = [producer[v] for v in outputs if v in producer]
+    while stack:
+        node = stack.pop()
+        if id(node) in live:
+            continue
+        live.add(id(node))
+        stack.extend(producer[v] for v in node.input if v in producer)
+    return live
+
+
+def _shell(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without its nodes, initializers and value_info (weights not copied)."""
+    shell = onnx.ModelProto()
+    _copy_fields(model, shell, skip={"graph"})
+    _copy_fields(model.graph, shell.graph, skip={"node", "initializer", "value_info"})
+    return shell
+
+
+def _copy_fields(src, dst, skip: set[str]) -> None:
+    for field, value in src.ListFields():
+        if field.name in skip:
+            continue
+        if field.is_repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
