@@ -206,6 +206,42 @@ def fuse_file(
 ) -> FusionReport:
     """Fuse a model file into ``output`` (atomically; external data beside it, streamed so that
     memory stays near one run's weights). The input is only read."""
+
+    def transform(proto, base_dir, sink):
+        return _fuse(proto, runs, max_run_length, keep_last, progress, sink, base_dir)
+
+    return _transform_file(model, output, transform, check)
+
+
+def drop_attention_file(
+    model: str | os.PathLike, output: str | os.PathLike, layers: str | list[int], check: bool = True
+):
+    """Remove the attention of ``layers`` (FFN-block numbers, e.g. "25-28") from a model file."""
+    from graphfuse.passes.drop_attention import drop_attention
+
+    def transform(proto, base_dir, sink):
+        return drop_attention(proto, parse_indices(layers), base_dir)
+
+    return _transform_file(model, output, transform, check)
+
+
+def parse_indices(spec: str | list[int]) -> list[int]:
+    """ "25-28,3" → [3, 25, 26, 27, 28]."""
+    if not isinstance(spec, str):
+        return sorted(set(spec))
+    out: set[int] = set()
+    for part in spec.split(","):
+        try:
+            a, _, b = part.strip().partition("-")
+            out.update(range(int(a), int(b or a) + 1))
+        except ValueError:
+            raise GraphfuseError(f"'{part}' is not a layer number or range like 25-28") from None
+    return sorted(out)
+
+
+def _transform_file(model, output, transform, check: bool):
+    """Load, transform, save atomically (new weights streamed to the output's data file) and
+    check that a model the checker accepted is still accepted."""
     source = Path(model)
     proto = onnx_io.load(source)
     base_dir = onnx_io.model_base_dir(source)
@@ -215,15 +251,14 @@ def fuse_file(
     if onnx_io.needs_external_data(proto):
         sink = onnx_io.TensorSink(out.with_name(out.name + ".data"))
     try:
-        fused, report = _fuse(proto, runs, max_run_length, keep_last, progress, sink, base_dir)
-        onnx_io.save(fused, out, base_dir=base_dir, sink=sink)
+        result, report = transform(proto, base_dir, sink)
+        onnx_io.save(result, out, base_dir=base_dir, sink=sink)
     except BaseException:
         if sink is not None:
             sink.discard()
         raise
-    # Post-condition: what the checker and shape inference accepted, they still accept.
     if input_valid and (problem := onnx_io.validation_error(out)) is not None:
-        raise GraphfuseError(f"internal error: the fused model fails validation: {problem}")
+        raise GraphfuseError(f"internal error: the output model fails validation: {problem}")
     return report
 
 

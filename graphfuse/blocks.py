@@ -461,7 +461,7 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarra
 def _evaluate_norm(model: onnx.ModelProto, x_type: int, hidden: int, eps: float) -> float:
     rng = np.random.default_rng(0)
     # Rows of very different scale: a missing sqrt, square or eps shows on one of them.
-    x = (rng.standard_normal((3, hidden)) * np.array([[0.01], [1.0], [30.0]])).astype(
+    x = (rng.standard_normal((1, 3, hidden)) * np.array([[[0.01], [1.0], [30.0]]])).astype(
         helper.tensor_dtype_to_np_dtype(x_type)
     )
     try:

@@ -118,6 +118,28 @@ def _fuse(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("drop-attention")
+def _drop_attention(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from graphfuse.api import drop_attention_file
+
+    report = drop_attention_file(args.model, args.output, args.layers)
+    if args.json:
+        print(json.dumps(asdict(report), indent=2))
+        return 0
+    print(f"removed the attention of layers {', '.join(map(str, report.layers))}")
+    print(f"nodes: {report.nodes_before:,} -> {report.nodes_after:,}")
+    if report.kv_bytes_per_token_before:
+        print(
+            f"KV cache per token: {report.kv_bytes_per_token_before:,} -> "
+            f"{report.kv_bytes_per_token_after:,} bytes "
+            f"({len(report.removed_inputs)} cache inputs and {len(report.removed_outputs)} outputs removed)"
+        )
+    print(f"wrote {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graphfuse", description="FFN Fusion for ONNX models (arXiv 2503.18908)"
@@ -133,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p)
     _output_args(p)
     _selection_args(p)
+    _json_arg(p)
+
+    p = sub.add_parser("drop-attention", help="remove the attention sub-block of chosen layers")
+    _model_arg(p)
+    p.add_argument("--layers", required=True, help="FFN-block numbers, e.g. 25-28 or 3,5,7")
+    _output_args(p)
     _json_arg(p)
     return parser
 

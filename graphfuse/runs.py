@@ -47,14 +47,15 @@ def pair_refusal(
     misses: list[NearMiss] = (),  # type: ignore[assignment]
 ) -> str | None:
     """Why block ``b`` cannot follow block ``a`` in one run, or None when it can."""
-    if b.residual_in != a.residual_out:
+    casts = no_op_casts(g, a.residual_out, b.residual_in)
+    if casts is None:
         return _between(g, a, b, misses)
-    out = a.residual_out
-    if out in g.graph_outputs:
-        return f"block {a.index}'s output '{out}' is a graph output"
-    elsewhere = [j for j in g.users(out) if j not in b.nodes]
-    if elsewhere:
-        return f"block {a.index}'s output '{out}' also feeds node {g.label(elsewhere[0])}"
+    for out in (a.residual_out, *(g.node(i).output[0] for i in casts[:-1])):
+        if out in g.graph_outputs:
+            return f"block {a.index}'s output '{out}' is a graph output"
+        elsewhere = [j for j in g.users(out) if j not in b.nodes and j not in casts]
+        if elsewhere:
+            return f"block {a.index}'s output '{out}' also feeds node {g.label(elsewhere[0])}"
     if a.norm.eps != b.norm.eps:
         return f"eps differs: {a.norm.eps:g} vs {b.norm.eps:g}"
     if a.activation != b.activation or (a.signature != b.signature and a.activation == "other"):
@@ -64,6 +65,23 @@ def pair_refusal(
     if a.hidden != b.hidden:
         return f"hidden sizes differ: {a.hidden} vs {b.hidden}"
     return None
+
+
+def no_op_casts(g: GraphIndex, source: str, target: str) -> list[int] | None:
+    """The Casts that carry ``source`` to ``target`` without changing its type (the TorchScript
+    exporter writes ``x.to(float32)`` on an fp32 stream), or None if something else is there."""
+    chain: list[int] = []
+    value = target
+    while value != source:
+        at = g.producer.get(value)
+        if at is None or g.node(at).op_type != "Cast" or len(chain) > 4:
+            return None
+        node = g.node(at)
+        if g.elem_type(node.input[0]) != g.elem_type(node.output[0]):
+            return None
+        chain.append(at)
+        value = node.input[0]
+    return chain[::-1]
 
 
 def _between(g: GraphIndex, a: FfnBlock, b: FfnBlock, misses: list[NearMiss]) -> str:

@@ -37,6 +37,7 @@ from onnx import helper
 from graphfuse.blocks import FfnBlock, Weight
 from graphfuse.graph import GraphIndex
 from graphfuse.onnx_io import TensorSink
+from graphfuse.surgery import rebuild
 
 RULE = "graphfuse.fuse_ffn"
 
@@ -73,8 +74,13 @@ def fuse_ffn_runs(
         )  # fmt: skip
         if progress is not None:
             progress.update(len(run))
-    model = _rebuild(g, replaced, removed, new_tensors)
-    return model, fused
+    nodes: list[onnx.NodeProto] = []
+    for i, node in enumerate(g.nodes):
+        if i in replaced:
+            nodes.extend(replaced[i])
+        elif i not in removed:
+            nodes.append(node)
+    return rebuild(g, nodes, new_tensors), fused
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -221,74 +227,3 @@ def _wide_biases(g: GraphIndex, run: list[FfnBlock], dtype: np.dtype) -> dict[st
 
 def _bias(g: GraphIndex, bias: Weight | None, size: int) -> np.ndarray:
     return np.zeros(size, np.float32) if bias is None else bias.load(g).reshape(-1)
-
-
-# -- the new graph ------------------------------------------------------------------------------
-
-
-def _rebuild(
-    g: GraphIndex,
-    replaced: dict[int, list[onnx.NodeProto]],
-    removed: set[int],
-    new_tensors: list[onnx.TensorProto],
-) -> onnx.ModelProto:
-    nodes: list[onnx.NodeProto] = []
-    for i, node in enumerate(g.nodes):
-        if i in replaced:
-            nodes.extend(replaced[i])
-        elif i not in removed:
-            nodes.append(node)
-    live_before = _live(g.nodes, g.graph_outputs)
-    live_after = _live(nodes, g.graph_outputs)
-    # Drop only what the rewrite left dead (say, Constant nodes or shape computations that fed
-    # the runs); whatever was already dead in the input stays as the user had it.
-    dead = {id(n) for n in nodes if id(n) not in live_after and id(n) in live_before}
-    nodes = [n for n in nodes if id(n) not in dead]
-
-    read = {v for n in nodes for v in n.input} | g.graph_outputs
-    read_before = {v for n in g.nodes for v in n.input} | g.graph_outputs
-    model = onnx.ModelProto()
-    model.CopyFrom(_shell(g.model))
-    graph = model.graph
-    graph.node.extend(nodes)
-    for tensor in g.graph.initializer:
-        if tensor.name in read or tensor.name not in read_before:
-            graph.initializer.append(tensor)
-    graph.initializer.extend(new_tensors)
-    produced = {v for n in nodes for v in n.output}
-    graph.value_info.extend(v for v in g.graph.value_info if v.name in produced or v.name in read)
-    return model
-
-
-def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> set[int]:
-    """ids of the nodes that some graph output depends on."""
-    producer = {v: n for n in nodes for v in n.output}
-    live: set[int] = set()
-    stack = [producer[v] for v in outputs if v in producer]
-    while stack:
-        node = stack.pop()
-        if id(node) in live:
-            continue
-        live.add(id(node))
-        stack.extend(producer[v] for v in node.input if v in producer)
-    return live
-
-
-def _shell(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` without its nodes, initializers and value_info (weights not copied)."""
-    shell = onnx.ModelProto()
-    _copy_fields(model, shell, skip={"graph"})
-    _copy_fields(model.graph, shell.graph, skip={"node", "initializer", "value_info"})
-    return shell
-
-
-def _copy_fields(src, dst, skip: set[str]) -> None:
-    for field, value in src.ListFields():
-        if field.name in skip:
-            continue
-        if field.is_repeated:
-            getattr(dst, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(dst, field.name).CopyFrom(value)
-        else:
-            setattr(dst, field.name, value)
