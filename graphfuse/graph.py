@@ -122,12 +122,16 @@ class GraphIndex:
 
     # -- types -------------------------------------------------------------------------------
 
+    def type_of(self, value: str) -> onnx.TypeProto | None:
+        """A value's type as declared or inferred (with its shape where inference knows it)."""
+        return self._types.get(value) or self._inferred_types().get(value)
+
     def elem_type(self, value: str) -> int | None:
         """The element type of a value, where the graph declares it."""
         tensor = self.tensor(value)
         if tensor is not None:
             return tensor.data_type
-        type_proto = self._types.get(value) or self._inferred_types().get(value)
+        type_proto = self.type_of(value)
         if type_proto is not None and type_proto.HasField("tensor_type"):
             return type_proto.tensor_type.elem_type or None
         return None
@@ -142,14 +146,24 @@ class GraphIndex:
             for field in ("node", "input", "output", "value_info"):
                 getattr(graph, field).extend(getattr(self.graph, field))
             for tensor in self.graph.initializer:
-                graph.initializer.add(
-                    name=tensor.name, dims=tensor.dims, data_type=tensor.data_type
-                )
+                if tensor.data_location != onnx.TensorProto.EXTERNAL and _size(tensor) <= 64:
+                    graph.initializer.append(tensor)  # shapes and axes: inference reads them
+                else:
+                    graph.initializer.add(
+                        name=tensor.name, dims=tensor.dims, data_type=tensor.data_type
+                    )
             # Inference is a convenience here: where it fails, types stay unknown.
             with contextlib.suppress(Exception):
                 light = onnx.shape_inference.infer_shapes(light, strict_mode=False)
             self._inferred = {v.name: v.type for v in light.graph.value_info}
         return self._inferred
+
+
+def _size(tensor: onnx.TensorProto) -> int:
+    size = 1
+    for d in tensor.dims:
+        size *= d
+    return size
 
 
 def attribute(node: onnx.NodeProto, name: str, default: object = None) -> object:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import onnx
 
+from graphfuse.errors import GraphfuseError
 from graphfuse.graph import GraphIndex
 
 
@@ -81,15 +82,24 @@ def _copy_fields(src, dst, skip: set[str]) -> None:
 
 
 def with_outputs(model: onnx.ModelProto, values: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also returns the interior ``values`` (element types from the
-    graph or shape inference; shapes left open)."""
+    """A copy of ``model`` that also returns ``values`` (interior values or graph inputs), typed
+    as declared or inferred — shapes where inference knows them, which the checker wants."""
     g = GraphIndex(model)
+    types = {}
+    for value in dict.fromkeys(values):
+        if value not in g.producer and value not in g.graph_inputs:
+            raise GraphfuseError(f"cannot expose '{value}': no node computes it")
+        known = g.type_of(value)
+        if known is None or not known.tensor_type.elem_type:
+            raise GraphfuseError(
+                f"cannot expose '{value}': its type is unknown (shape inference failed there); "
+                "add value_info for it"
+            )
+        types[value] = known
     copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    have = {v.name for v in copy.graph.output}
-    for value in values:
-        if value not in have:
-            elem = g.elem_type(value) or onnx.TensorProto.FLOAT
-            copy.graph.output.append(onnx.helper.make_tensor_value_info(value, elem, None))
-            have.add(value)
+    copy.CopyFrom(model)  # the one copy of the weights
+    present = {v.name for v in copy.graph.output}
+    for value, type_proto in types.items():
+        if value not in present:
+            copy.graph.output.append(onnx.helper.make_value_info(value, type_proto))
     return copy
