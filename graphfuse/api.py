@@ -189,9 +189,12 @@ def fuse(
     max_run_length: int | None = None,
     keep_last: bool = False,
     progress: bool = False,
+    pack: bool = False,
 ) -> tuple[onnx.ModelProto, FusionReport]:
-    """Fuse ``runs`` of ``model`` in memory; return the new model and its report."""
-    return _fuse(model, runs, max_run_length, keep_last, progress, sink=None)
+    """Fuse ``runs`` of ``model`` in memory; return the new model and its report.
+
+    ``pack`` writes gate and up as one MatMul and a Split instead of two MatMuls."""
+    return _fuse(model, runs, max_run_length, keep_last, progress, sink=None, pack=pack)
 
 
 def fuse_file(
@@ -203,12 +206,13 @@ def fuse_file(
     keep_last: bool = False,
     progress: bool = False,
     check: bool = True,
+    pack: bool = False,
 ) -> FusionReport:
     """Fuse a model file into ``output`` (atomically; external data beside it, streamed so that
     memory stays near one run's weights). The input is only read."""
 
     def transform(proto, base_dir, sink):
-        return _fuse(proto, runs, max_run_length, keep_last, progress, sink, base_dir)
+        return _fuse(proto, runs, max_run_length, keep_last, progress, sink, base_dir, pack)
 
     return _transform_file(model, output, transform, check)
 
@@ -262,7 +266,7 @@ def _transform_file(model, output, transform, check: bool):
     return report
 
 
-def _fuse(model, runs, max_run_length, keep_last, progress, sink, base_dir=None):
+def _fuse(model, runs, max_run_length, keep_last, progress, sink, base_dir=None, pack=False):
     from graphfuse.passes.fuse_ffn import fuse_ffn_runs
 
     found = inspect(model, base_dir)
@@ -277,7 +281,7 @@ def _fuse(model, runs, max_run_length, keep_last, progress, sink, base_dir=None)
         total=sum(len(r) for r in chosen), desc="fusing", unit="block", disable=not progress
     ) as bar:
         fused, done = fuse_ffn_runs(
-            found.index, [[found.blocks[i] for i in r.indices] for r in chosen], sink, bar
+            found.index, [[found.blocks[i] for i in r.indices] for r in chosen], sink, bar, pack
         )
     stages_before = len(found.blocks)
     stages_after = stages_before - sum(len(r) - 1 for r in chosen)

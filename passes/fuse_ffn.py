@@ -56,15 +56,18 @@ def fuse_ffn_runs(
     runs: list[list[FfnBlock]],
     sink: TensorSink | None = None,
     progress=None,
+    pack: bool = False,
 ) -> tuple[onnx.ModelProto, list[FusedRun]]:
-    """Return a new model with every run in ``runs`` fused; ``g`` indexes the input model."""
+    """Return a new model with every run in ``runs`` fused; ``g`` indexes the input model.
+
+    ``pack``: gate and up as one MatMul followed by Split (else two MatMuls)."""
     sink = sink or TensorSink()
     replaced: dict[int, list[onnx.NodeProto]] = {}  # anchor node -> the nodes that replace it
     removed: set[int] = set()
     new_tensors: list[onnx.TensorProto] = []
     fused: list[FusedRun] = []
     for run in runs:
-        nodes, tensors = _fuse_run(g, run, sink)
+        nodes, tensors = _fuse_run(g, run, sink, pack)
         replaced[run[-1].residual_add] = nodes
         removed.update(*(b.nodes for b in run))
         new_tensors.extend(tensors)
@@ -87,7 +90,7 @@ def fuse_ffn_runs(
 
 
 def _fuse_run(
-    g: GraphIndex, run: list[FfnBlock], sink: TensorSink
+    g: GraphIndex, run: list[FfnBlock], sink: TensorSink, pack: bool
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     first, last = run[0], run[-1]
     prefix = f"graphfuse/ffn{first.index}-{last.index}"
@@ -135,10 +138,18 @@ def _fuse_run(
 
     dtype = _np_dtype(g, first.gate.weight)
     gate_w, up_w, down_w = _wide_weights(g, run, dtype)
-    for label, array in (("gate_weight", gate_w), ("up_weight", up_w), ("down_weight", down_w)):
-        tensors.append(sink.tensor(f"{prefix}/{label}", array))
-    del gate_w, up_w, down_w  # the sink holds them now (on disk when streaming)
     biases = _wide_biases(g, run, dtype)
+    if pack:  # one [H, 2ΣI] GEMM, then Split: gate and up read the same z
+        weights = {"gate_up": np.concatenate([gate_w, up_w], axis=1), "down": down_w}
+        if "gate" in biases or "up" in biases:
+            width = gate_w.shape[1]
+            zeros = np.zeros(width, dtype)
+            biases["gate_up"] = np.concatenate([biases.pop("gate", zeros), biases.pop("up", zeros)])
+    else:
+        weights = {"gate": gate_w, "up": up_w, "down": down_w}
+    for role, array in weights.items():
+        tensors.append(sink.tensor(f"{prefix}/{role}_weight", array))
+    del gate_w, up_w, down_w, weights  # the sink holds them now (on disk when streaming)
 
     def project(x: str, role: str) -> str:
         y = emit("MatMul", [x, f"{prefix}/{role}_weight"], f"{role}_matmul")
@@ -147,8 +158,19 @@ def _fuse_run(
             y = emit("Add", [y, f"{prefix}/{role}_bias"], f"{role}_bias_add")
         return y
 
-    names[first.activation_input] = project(z, "gate")
-    up = project(z, "up")
+    if pack:
+        width = sum(b.intermediate for b in run)
+        split = f"{prefix}/split_sizes"
+        tensors.append(sink.tensor(split, np.array([width, width], np.int64)))
+        gate, up = f"{prefix}/gate", f"{prefix}/up"
+        nodes.append(
+            helper.make_node("Split", [project(z, "gate_up"), split], [gate, up],
+                             name=f"{prefix}/split", axis=-1, doc_string=doc)
+        )  # fmt: skip
+        names[first.activation_input] = gate
+    else:
+        names[first.activation_input] = project(z, "gate")
+        up = project(z, "up")
     copy_island(first.activation_nodes)
     product = emit("Mul", [names[first.activation_output], up], "product")
     y = project(product, "down")

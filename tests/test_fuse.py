@@ -85,6 +85,7 @@ def test_variant_is_found_fused_and_exact(name: str) -> None:
     assert [str(r) for r in found.fusable()] == ["0-1", "2-4"]
     assert "attention between them" in found.refusals[0].reason
     fused, report = graphfuse.fuse(model.model, "all")
+    packed, _ = graphfuse.fuse(model.model, "all", pack=True)
     assert report.runs_fused == ["0-1", "2-4"]
     assert report.widths == [224, 224]
     assert (report.depth_before.ffn_stages, report.depth_after.ffn_stages) == (5, 2)
@@ -101,6 +102,8 @@ def test_variant_is_found_fused_and_exact(name: str) -> None:
     expected = reference(model, x, runs=[(0, 1), (2, 4)])
     for optimize in (False, True):
         assert relative_error(run(fused, x, optimize), expected) < TOLERANCE["float32"]
+        assert relative_error(run(packed, x, optimize), expected) < TOLERANCE["float32"]
+    assert sum(n.op_type == "Split" for n in packed.graph.node) >= 2
     # and the approximation is real: the fused model is not the sequential one
     assert relative_error(run(fused, x), reference(model, x)) > 1e-3
 
