@@ -109,11 +109,11 @@ def parse_runs(spec: str | list[tuple[int, int]], found: Inspection) -> list[Run
     if isinstance(spec, str):
         if spec.strip() == "all":
             return found.fusable()
-        pairs = []
+        pairs: list[tuple[int, int]] = []
         for part in spec.split(","):
             try:
-                a, _, b = part.strip().partition("-")
-                pairs.append((int(a), int(b or a)))
+                first, _, last = part.strip().partition("-")
+                pairs.append((int(first), int(last or first)))
             except ValueError:
                 raise GraphfuseError(
                     f"--runs: '{part}' is not a block range like 3-7 (or use 'all')"

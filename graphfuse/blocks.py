@@ -239,11 +239,12 @@ def _packed_columns(g: GraphIndex, at: int, value: str) -> tuple[int, int]:
         if axis not in (-1, _rank(g, node.input[0]) - 1):
             raise NoMatch(f"Split '{node.name}' is not along the feature axis")
         k = list(node.output).index(value)
+        sizes: list[int]
         if len(node.input) > 1 and node.input[1]:
-            sizes = g.constant(node.input[1])
-            if sizes is None:
+            given = g.constant(node.input[1])
+            if given is None:
                 raise NoMatch(f"Split '{node.name}' has sizes that are not constant")
-            sizes = [int(s) for s in sizes]
+            sizes = [int(s) for s in given]
         elif attribute(node, "split") is not None:
             sizes = list(attribute(node, "split"))  # type: ignore[call-overload]
         else:
@@ -256,7 +257,7 @@ def _packed_columns(g: GraphIndex, at: int, value: str) -> tuple[int, int]:
         raise NoMatch(f"Slice '{node.name}' has bounds that are not constant")
     starts, ends = int(parts[0][0]), int(parts[1][0])  # type: ignore[index]
     axes = int(parts[2][0]) if len(parts) > 2 else 0  # type: ignore[index]
-    steps = int(parts[3][0]) if len(parts) > 3 and parts[3] is not None else 1  # type: ignore[index]
+    steps = int(parts[3][0]) if len(parts) > 3 and parts[3] is not None else 1
     if axes not in (-1, _rank(g, node.input[0]) - 1) or steps != 1:
         raise NoMatch(f"Slice '{node.name}' is not a contiguous feature slice")
     starts = starts + source_shape if starts < 0 else starts
@@ -326,7 +327,7 @@ def _activation_name(g: GraphIndex, nodes: frozenset[int]) -> str:
 def _island_signature(g: GraphIndex, nodes: frozenset[int], entry: str) -> tuple:
     """What an island computes, up to value names: ops, attributes, constants, wiring."""
     names = {entry: "in"}
-    rows = []
+    rows: list[tuple] = []
     for i in sorted(nodes):
         node = g.node(i)
         ins = []
@@ -350,7 +351,7 @@ def _island_signature(g: GraphIndex, nodes: frozenset[int], entry: str) -> tuple
 
 # How far an island may stray from x / rms(x) and still be that: float rounding of the island's
 # own dtype over ~6 ops (fp16 and bf16 round at 2^-11 and 2^-8).
-NORM_TOLERANCE = {onnx.TensorProto.FLOAT16: 1e-2, onnx.TensorProto.BFLOAT16: 5e-2}
+NORM_TOLERANCE: dict[int, float] = {onnx.TensorProto.FLOAT16: 1e-2, onnx.TensorProto.BFLOAT16: 5e-2}
 
 
 def match_norm(g: GraphIndex, z: str, x: str, dtype: int, z_dtype: int) -> Norm:
@@ -547,7 +548,7 @@ def _finish(
     if activation == "other" or not act_nodes:
         raise NoMatch("the gate activation is not SiLU or GELU")
     for value in (v for i in act_nodes for v in g.node(i).input if g.is_constant(v)):
-        if int(np.prod(g.shape_of_constant(value))) != 1:
+        if int(np.prod(g.shape_of_constant(value) or ())) != 1:
             raise NoMatch(f"the activation uses a non-scalar constant '{value}'")
     dtypes = {g.elem_type(p.weight.name) for p in (gate, up, down)}
     if len(dtypes) != 1:

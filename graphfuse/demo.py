@@ -158,11 +158,11 @@ def run_demo(config: DemoConfig) -> DemoReport:
         layers = sorted(config.layers)
     else:
         wanted = n_blocks - config.target_stages + config.spare
-        costs = {}
-        candidates = range(2, n_blocks) if not config.quick else range(n_blocks - 8, n_blocks)
+        costs: dict[int, float] = {}
+        scanned = range(2, n_blocks) if not config.quick else range(n_blocks - 8, n_blocks)
         from tqdm import tqdm
 
-        for layer in tqdm(candidates, desc="importance scan", unit="layer"):
+        for layer in tqdm(scanned, desc="importance scan", unit="layer"):
             dropped, _ = drop_attention(original, [layer])
             costs[layer] = (
                 evaluate.perplexity(_session(dropped, config.threads), scan, progress=False)
@@ -171,7 +171,7 @@ def run_demo(config: DemoConfig) -> DemoReport:
         report.importance = {str(k): round(v, 4) for k, v in costs.items()}
         if config.quick:
             wanted = 4
-        layers = sorted(sorted(costs, key=costs.get)[:wanted])
+        layers = sorted(sorted(costs, key=lambda j: costs[j])[:wanted])
     report.layers_removed = layers
 
     step(f"remove the attention of layers {', '.join(map(str, layers))}")
@@ -210,7 +210,7 @@ def run_demo(config: DemoConfig) -> DemoReport:
         check=check,
         max_increase=config.max_increase,
     )
-    runs = [tuple(r) for r in selection.runs]
+    runs = [(a, b) for a, b in selection.runs]
     report.runs = [f"{a}-{b}" for a, b in runs]
     report.selection = json.loads(selection.to_json())["decisions"]
     if not runs:

@@ -178,7 +178,7 @@ class TensorSink:
         assert self._file is not None
         if external_data_helper.uses_external_data(tensor):
             info = external_data_helper.ExternalDataInfo(tensor)
-            with open(Path(base_dir or ".") / info.location, "rb") as src:  # type: ignore[arg-type]
+            with open(Path(base_dir or ".") / info.location, "rb") as src:
                 src.seek(info.offset or 0)
                 offset = self._start(tensor)
                 remaining = (

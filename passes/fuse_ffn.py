@@ -67,8 +67,8 @@ def fuse_ffn_runs(
     new_tensors: list[onnx.TensorProto] = []
     fused: list[FusedRun] = []
     for run in runs:
-        nodes, tensors = _fuse_run(g, run, sink, pack)
-        replaced[run[-1].residual_add] = nodes
+        replacement, tensors = _fuse_run(g, run, sink, pack)
+        replaced[run[-1].residual_add] = replacement
         removed.update(*(b.nodes for b in run))
         new_tensors.extend(tensors)
         fused.append(
@@ -129,7 +129,7 @@ def _fuse_run(
         if node.op_type == "Mul":
             drop[at] = node.input[1] if node.input[0] == gain else node.input[0]
         else:
-            shape = g.shape_of_constant(gain)
+            shape = g.shape_of_constant(gain) or ()
             ones = np.ones(shape, helper.tensor_dtype_to_np_dtype(g.elem_type(gain)))  # type: ignore[arg-type]
             tensors.append(sink.tensor(f"{prefix}/unit_gain", ones))
             names[gain] = f"{prefix}/unit_gain"
