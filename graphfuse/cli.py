@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from graphfuse.errors import GraphfuseError
@@ -38,12 +39,21 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--runs",
         default="all",
-        help="block ranges as inspect numbers them, e.g. 3-7,24-28; or 'all' (default)",
+        help="block ranges as inspect numbers them, e.g. 3-7,24-28; 'all' (default); or 'auto'",
     )
     g.add_argument("--max-run-length", type=int, metavar="N", help="split runs longer than N")
     g.add_argument(
         "--keep-last", action="store_true", help="leave the last FFN of each run unfused"
     )
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration data (default: Python standard-library docstrings)")
+    g.add_argument(
+        "--calib", type=Path, nargs="+", help="text files, or token-id files (.npy, .ids)"
+    )
+    g.add_argument("--tokenizer", help="Hugging Face tokenizer folder (default: SmolLM2's)")
+    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
 
 
 def _output_args(p: argparse.ArgumentParser) -> None:
@@ -93,6 +103,8 @@ def _inspect(args: argparse.Namespace) -> int:
 def _fuse(args: argparse.Namespace) -> int:
     from graphfuse.api import fuse_file
 
+    if args.runs == "auto" or args.repair:
+        return _fuse_measured(args)
     report = fuse_file(
         args.model,
         args.output,
@@ -206,6 +218,102 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fuse_measured(args: argparse.Namespace) -> int:
+    """--runs auto and/or --repair: choices and fits made on calibration text (in memory)."""
+    from dataclasses import asdict
+
+    from graphfuse import api, method, onnx_io
+    from graphfuse.analysis import dependency_matrix
+
+    model = onnx_io.load(args.model)
+    out = onnx_io.check_output_path(args.output, [args.model.resolve()])
+    model = onnx.load(args.model)  # with its weights: sessions need them
+    windows = method.windows(args.calib, method.tokenizer(args.tokenizer))
+    found = api.inspect(model)
+    result: dict = {}
+    if args.runs == "auto":
+        candidates = [(r.first, r.last) for r in found.fusable()]
+        if not candidates:
+            raise GraphfuseError("no fusable runs: nothing for --runs auto to choose from")
+        blocks = sorted({i for a, b in candidates for i in range(a, b + 1)})
+        dependency = dependency_matrix(model, method.feeds(windows.calibration[:4]), blocks=blocks)
+        selection = method.select(
+            model, dependency, candidates, windows.validation,
+            target_stages=args.target_stages, max_increase=args.max_increase,
+            keep_last=args.keep_last, threads=args.threads,
+        )  # fmt: skip
+        runs = [(a, b) for a, b in selection.runs]
+        result["selection"] = json.loads(selection.to_json())
+    else:
+        runs = [
+            (r.first, r.last)
+            for r in api.plan(
+                found, args.runs, max_run_length=args.max_run_length, keep_last=args.keep_last
+            )
+        ]
+    if not runs:
+        raise GraphfuseError("no run was selected: nothing to fuse")
+    if args.repair:
+        fused, repairs = method.fuse_and_repair(
+            model, runs, windows.calibration, windows.validation, args.threads
+        )
+        result["repairs"] = [asdict(r) for r in repairs]
+    else:
+        fused, report = api.fuse(model, runs, pack=args.pack_gate_up)
+        result["report"] = asdict(report)
+    onnx_io.save(fused, out)
+    result["runs_fused"] = [f"{a}-{b}" for a, b in runs]
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(f"fused runs: {', '.join(result['runs_fused'])}")
+        for r in result.get("repairs", []):
+            print(
+                f"  repaired {r['run']}: λ={r['lam']:g}, validation error of the run output "
+                f"{r['validation_error_fused']:.3f} -> {r['validation_error_repaired']:.3f}"
+            )
+        print(f"wrote {args.output}")
+    return 0
+
+
+@command("analyze")
+def _analyze(args: argparse.Namespace) -> int:
+    from graphfuse import api, method, onnx_io
+    from graphfuse.analysis import dependency_matrix, plot_dependency
+
+    onnx_io.load(args.model)
+    model = onnx.load(args.model)
+    windows = method.windows(args.calib, method.tokenizer(args.tokenizer))
+    found = api.inspect(model)
+    blocks = None if args.blocks is None else api.parse_indices(args.blocks)
+    dependency = dependency_matrix(
+        model,
+        method.feeds(windows.calibration[: args.windows]),
+        blocks=blocks,
+        threads=args.threads,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "dependency.json").write_text(dependency.to_json())
+    png = plot_dependency(dependency, args.out / "dependency.png", title=str(args.model.name))
+    if args.json:
+        print(dependency.to_json())
+        return 0
+    print(f"{len(found.blocks)} FFN blocks; dependency over {dependency.tokens:,} tokens")
+    print(f"{'block':>5}  {'cos-dist(f(X),X)':>17}  {'|h|/|X|':>8}  lowest M[i,j] (i<j)")
+    for k, b in enumerate(dependency.blocks):
+        row = dependency.matrix[:, k]
+        low = (
+            ""
+            if np.all(np.isnan(row))
+            else f"{np.nanmin(row):.2e} (i={dependency.blocks[int(np.nanargmin(row))]})"
+        )
+        print(
+            f"{b:>5}  {dependency.io_cosine_distance[k]:>17.3e}  {dependency.relative_norm[k]:>8.3f}  {low}"
+        )
+    print(f"wrote {png} and {args.out / 'dependency.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graphfuse", description="FFN Fusion for ONNX models (arXiv 2503.18908)"
@@ -222,6 +330,20 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(p)
     _selection_args(p)
     p.add_argument("--pack-gate-up", action="store_true", help="one MatMul + Split for gate and up")
+    g = p.add_argument_group("measured choices (--runs auto) and repair")
+    g.add_argument("--repair", action="store_true", help="refit fused down-projections (ridge)")
+    g.add_argument("--target-stages", type=int, help="--runs auto: stop at this FFN depth")
+    g.add_argument("--max-increase", type=float, default=0.1,
+                   help="--runs auto: largest validation-perplexity increase per run")  # fmt: skip
+    _data_args(p)
+    _json_arg(p)
+
+    p = sub.add_parser("analyze", help="FFN dependency matrix (cosine distance) and heatmap")
+    _model_arg(p)
+    p.add_argument("--blocks", help="FFN blocks to analyse, e.g. 3-7 (default: all)")
+    p.add_argument("--windows", type=int, default=4, help="calibration windows to use")
+    p.add_argument("--out", type=Path, default=Path("."), help="folder for the PNG and JSON")
+    _data_args(p)
     _json_arg(p)
 
     p = sub.add_parser("check", help="static check: what TensorRT's ONNX parser cannot take")

@@ -86,30 +86,39 @@ class _Steps:
         return self.times
 
 
-def _session(model: onnx.ModelProto, threads: int | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    if session.get_providers()[0] != "CPUExecutionProvider":
-        raise GraphfuseError("onnxruntime did not start the CPU provider")
-    return session
-
-
-def _feeds(windows: np.ndarray, batch: int = 2) -> list[dict[str, np.ndarray]]:
-    return [{"input_ids": windows[i : i + batch]} for i in range(0, len(windows), batch)]
-
-
 def exported(cache: Path, name: str, export) -> Path:
     """An export of SmolLM2, made once and kept in the cache."""
     path = cache / f"smollm2-{name}.onnx"
     if not path.is_file():
         export(path, cache)
     return path
+
+
+# --quick: the brief's run 24..28 (attention removed in layers 25..28), no scan.
+QUICK_LAYERS = (25, 26, 27, 28)
+
+
+def importance_scan(
+    model: onnx.ModelProto, ids: np.ndarray, threads: int | None
+) -> dict[int, float]:
+    """Perplexity ratio (without / with) of removing each layer's attention alone, from one
+    session whose attention outputs are gated by scalar inputs (graphfuse.passes.drop_attention)."""
+    from tqdm import tqdm
+
+    from graphfuse import evaluate
+    from graphfuse.method import session
+    from graphfuse.passes.drop_attention import gate_attention
+
+    gated, gates = gate_attention(model)
+    s = session(gated, threads)
+    dtype = np.float32
+    ones = {g: np.array(1, dtype) for g in gates.values()}
+    base = evaluate.perplexity(s, ids, extra=ones, progress=False)
+    costs = {}
+    for layer, gate in tqdm(gates.items(), desc="importance scan", unit="layer"):
+        off = {**ones, gate: np.array(0, dtype)}
+        costs[layer] = evaluate.perplexity(s, ids, extra=off, progress=False) / base
+    return costs
 
 
 def runs_from_layers(layers: list[int]) -> list[tuple[int, int]]:
@@ -124,10 +133,10 @@ def runs_from_layers(layers: list[int]) -> list[tuple[int, int]]:
 
 
 def run_demo(config: DemoConfig) -> DemoReport:
-    from graphfuse import api, evaluate, text
+    from graphfuse import api, evaluate, method
+    from graphfuse.method import feeds, session
     from graphfuse.models import smollm2
     from graphfuse.passes.drop_attention import drop_attention
-    from graphfuse.repair import repair_runs
 
     step = _Steps(9)
     report = DemoReport(config={k: str(v) for k, v in asdict(config).items()})
@@ -143,34 +152,17 @@ def run_demo(config: DemoConfig) -> DemoReport:
     n_blocks = len(api.inspect(original).blocks)
 
     step("tokenise calibration, validation and evaluation text")
-    counts = (
-        {"evaluation": 2, "validation": 2, "calibration": 4}
-        if config.quick
-        else {"evaluation": 4, "validation": 4, "calibration": 16}
-    )
-    windows = text.make_windows(tokenizer, config.text, seq_len=config.seq_len, **counts)
+    windows = method.windows(config.text, tokenizer, quick=config.quick)
 
     step("importance scan: the cost of removing each layer's attention")
-    base_session = _session(original, config.threads)
-    scan = windows.calibration[:2]
-    base_ppl = evaluate.perplexity(base_session, scan, progress=False)
     if config.layers is not None:
         layers = sorted(config.layers)
+    elif config.quick:
+        layers = list(QUICK_LAYERS)
     else:
-        wanted = n_blocks - config.target_stages + config.spare
-        costs: dict[int, float] = {}
-        scanned = range(2, n_blocks) if not config.quick else range(n_blocks - 8, n_blocks)
-        from tqdm import tqdm
-
-        for layer in tqdm(scanned, desc="importance scan", unit="layer"):
-            dropped, _ = drop_attention(original, [layer])
-            costs[layer] = (
-                evaluate.perplexity(_session(dropped, config.threads), scan, progress=False)
-                / base_ppl
-            )
+        costs = importance_scan(original, windows.calibration[:2], config.threads)
         report.importance = {str(k): round(v, 4) for k, v in costs.items()}
-        if config.quick:
-            wanted = 4
+        wanted = n_blocks - config.target_stages + config.spare
         layers = sorted(sorted(costs, key=lambda j: costs[j])[:wanted])
     report.layers_removed = layers
 
@@ -186,29 +178,22 @@ def run_demo(config: DemoConfig) -> DemoReport:
     from graphfuse.analysis import dependency_matrix, plot_dependency
 
     blocks = sorted({i for a, b in candidates for i in range(a, b + 1)})
-    dependency = dependency_matrix(removed, _feeds(windows.calibration[:4]), blocks=blocks)
+    dependency = dependency_matrix(removed, feeds(windows.calibration[:4]), blocks=blocks)
     plot_dependency(
         dependency, config.out / "dependency.png", title="SmolLM2-135M, attention removed"
     )
 
     step("select runs (greedy on the dependency matrix, checked on validation perplexity)")
-    from graphfuse.selection import select_runs
-
-    target = n_blocks - (len(layers) - config.spare) if config.quick else config.target_stages
-
-    def check(runs: list[tuple[int, int]]) -> float:
-        fused, _ = api.fuse(removed, runs)
-        return evaluate.perplexity(
-            _session(fused, config.threads), windows.validation, progress=False
-        )
-
-    selection = select_runs(
+    target = n_blocks - 2 if config.quick else config.target_stages
+    selection = method.select(
+        removed,
         dependency,
         candidates,
-        n_blocks=n_blocks,
+        windows.validation,
         target_stages=target,
-        check=check,
         max_increase=config.max_increase,
+        threads=config.threads,
+        check_windows=2,
     )
     runs = [(a, b) for a, b in selection.runs]
     report.runs = [f"{a}-{b}" for a, b in runs]
@@ -218,33 +203,27 @@ def run_demo(config: DemoConfig) -> DemoReport:
 
     step(f"fuse runs {', '.join(report.runs)} and repair their down-projections")
     fused, _ = api.fuse(removed, runs)
-    repaired, repairs = repair_runs(
-        removed,
-        runs,
-        _feeds(windows.calibration),
-        _feeds(windows.validation),
-        threads=config.threads,
+    repaired, repairs = method.fuse_and_repair(
+        removed, runs, windows.calibration, windows.validation, config.threads
     )
     report.repairs = [asdict(r) for r in repairs]
     onnx.save(repaired, config.out / "smollm2-fused-repaired.onnx")
 
     step("evaluate perplexity and top-1 agreement on held-out text")
     stages = n_blocks - sum(b - a for a, b in runs)
+    reference = None
     for name, model, depth in (
         ("original", original, n_blocks),
         ("attention removed", removed, n_blocks),
         ("fused", fused, stages),
         ("fused + repaired", repaired, stages),
     ):
-        session = base_session if model is original else _session(model, config.threads)
-        report.rows.append(
-            Row(
-                name,
-                evaluate.perplexity(session, windows.evaluation),
-                evaluate.top1_agreement(base_session, session, windows.evaluation),
-                depth,
-            )
-        )
+        result = evaluate.score(
+            session(model, config.threads), windows.evaluation, reference_top1=reference,
+            progress=True,
+        )  # fmt: skip
+        reference = result.top1 if reference is None else reference
+        report.rows.append(Row(name, result.perplexity, result.agreement or 1.0, depth))
 
     step("time the decode step and prefill (ONNX Runtime CPU)")
     report.latency, report.kv_bytes_per_token = _time(decoder_path, layers, runs, repaired, config)

@@ -13,8 +13,8 @@ held-out validation activations. Memory stays bounded: HᵀH, HᵀT and TᵀT ar
 float64 batch by batch, so activations are never all held; validation loss of any W is
 tr(WᵀAW) − 2 tr(WᵀB) + c from the validation sums alone.
 
-Runs are repaired in graph order, each on the model whose earlier runs are already fused and
-repaired, so a run's fit sees the drift its predecessors leave.
+Each run is fitted on the inputs and outputs it has in the unfused model, all runs from one
+pass over the data.
 """
 
 from __future__ import annotations
@@ -103,52 +103,91 @@ def repair_runs(
     threads: int | None = None,
     progress: bool = True,
 ) -> tuple[onnx.ModelProto, list[RunRepair]]:
-    """Fuse ``runs`` (block numbers of ``model``) one by one, refitting each down-projection.
+    """Fuse ``runs`` (block numbers of ``model``) and refit each fused down-projection.
 
     ``calibration`` and ``validation`` are lists of feed dicts for ``model`` (disjoint data).
-    Returns the fused, repaired model and what each fit did.
+    One pass of ONNX Runtime over each, on ``model`` cut down to the runs' inputs X and
+    sequential outputs Y, gives the targets; the fused hidden activations H are computed from
+    X with the fused weights (exactly what the fused graph computes, in float64).
     """
     import graphfuse
-    from graphfuse.surgery import with_outputs
+    from graphfuse.surgery import only_outputs
 
-    current = model
-    shift = 0  # fusing a run of k blocks renumbers the blocks after it by k - 1
+    found = graphfuse.inspect(model)
+    fused, _ = graphfuse.fuse(model, runs)
+    weights = {t.name: t for t in fused.graph.initializer if t.name.startswith("graphfuse/")}
+    ends = [(found.blocks[a], found.blocks[b]) for a, b in runs]
+    taps = [v for first, last in ends for v in (first.residual_in, last.residual_out)]
+    sequential = _session(only_outputs(model, taps), threads)
+    wide = [
+        _WideFfn(weights, f"graphfuse/ffn{a}-{b}", first)
+        for (a, b), (first, _) in zip(runs, ends, strict=True)
+    ]
+    stats = []
+    for part, feeds in (("calibration", calibration), ("validation", validation)):
+        accs = [RidgeAccumulator(w.down.shape[0], w.down.shape[1]) for w in wide]
+        for feed in tqdm(feeds, desc=f"repair: {part}", disable=not progress):
+            values = dict(zip(taps, sequential.run(taps, feed), strict=True))
+            for acc, w, (first, last) in zip(accs, wide, ends, strict=True):
+                x = values[first.residual_in].astype(np.float64)
+                acc.add(w.hidden(x), values[last.residual_out] - x - w.down_bias)
+        stats.append(accs)
     results: list[RunRepair] = []
-    for first, last in sorted(runs):
-        a, b = first - shift, last - shift
-        found = graphfuse.inspect(current)
-        x_name, y_name = found.blocks[a].residual_in, found.blocks[b].residual_out
-        fused, _ = graphfuse.fuse(current, [(a, b)])
-        prefix = f"graphfuse/ffn{a}-{b}"
-        weights = {t.name: t for t in fused.graph.initializer if t.name.startswith(prefix)}
-        down = onnx.numpy_helper.to_array(weights[f"{prefix}/down_weight"])
-        bias_t = weights.get(f"{prefix}/down_bias")
-        bias = 0.0 if bias_t is None else onnx.numpy_helper.to_array(bias_t).astype(np.float64)
-        sequential = _session(with_outputs(current, [x_name, y_name]), threads)
-        wide = _session(with_outputs(fused, [f"{prefix}/product"]), threads)
-        stats = []
-        for part, feeds in (("calibration", calibration), ("validation", validation)):
-            acc = RidgeAccumulator(down.shape[0], down.shape[1])
-            for feed in tqdm(feeds, desc=f"repair {first}-{last}: {part}", disable=not progress):
-                x, y = sequential.run([x_name, y_name], feed)
-                (h,) = wide.run([f"{prefix}/product"], feed)
-                acc.add(h, y.astype(np.float64) - x - bias)
-            stats.append(acc)
-        w, lam, errors = fit(stats[0], stats[1], down, lambdas)
-        _replace(fused, f"{prefix}/down_weight", w.astype(down.dtype))
+    for (a, b), w, cal, val in zip(runs, wide, *stats, strict=True):
+        fit_w, lam, errors = fit(cal, val, w.down, lambdas)
+        _replace(fused, f"{w.prefix}/down_weight", fit_w.astype(w.down.dtype))
         results.append(
             RunRepair(
-                run=f"{first}-{last}",
+                run=f"{a}-{b}",
                 lam=lam,
-                validation_error_fused=stats[1].loss(down),
+                validation_error_fused=val.loss(w.down),
                 validation_error_repaired=errors[lam],
                 errors_by_lambda={f"{k:g}": v for k, v in errors.items()},
-                calibration_tokens=stats[0].rows,
+                calibration_tokens=cal.rows,
             )
         )
-        current = fused
-        shift += last - first
-    return current, results
+    return fused, results
+
+
+class _WideFfn:
+    """A fused run's wide FFN up to its down-projection, in float64 NumPy: H from X."""
+
+    def __init__(self, weights: dict[str, onnx.TensorProto], prefix: str, first) -> None:
+        def get(role: str) -> np.ndarray | None:
+            tensor = weights.get(f"{prefix}/{role}")
+            return None if tensor is None else onnx.numpy_helper.to_array(tensor)
+
+        if first.activation not in ACTIVATIONS:
+            raise GraphfuseError(f"repair: activation '{first.activation}' is not SiLU or GELU")
+        self.prefix, self.eps, self.activation = prefix, first.norm.eps, first.activation
+        self.gate = get("gate_weight").astype(np.float64)  # type: ignore[union-attr]
+        self.up = get("up_weight").astype(np.float64)  # type: ignore[union-attr]
+        self.down = get("down_weight")
+        self.gate_bias, self.up_bias = get("gate_bias"), get("up_bias")
+        down_bias = get("down_bias")
+        self.down_bias = 0.0 if down_bias is None else down_bias.astype(np.float64)
+
+    def hidden(self, x: np.ndarray) -> np.ndarray:
+        z = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        gate, up = z @ self.gate, z @ self.up
+        if self.gate_bias is not None:
+            gate = gate + self.gate_bias
+        if self.up_bias is not None:
+            up = up + self.up_bias
+        return ACTIVATIONS[self.activation](gate) * up
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    from scipy.special import erf
+
+    return 0.5 * x * (1 + erf(x / np.sqrt(2)))
+
+
+ACTIVATIONS = {
+    "silu": lambda x: x / (1 + np.exp(-x)),
+    "gelu": _gelu,
+    "gelu_tanh": lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))),
+}
 
 
 def _session(model: onnx.ModelProto, threads: int | None):

@@ -103,3 +103,12 @@ def with_outputs(model: onnx.ModelProto, values: list[str]) -> onnx.ModelProto:
         if value not in present:
             copy.graph.output.append(onnx.helper.make_value_info(value, type_proto))
     return copy
+
+
+def only_outputs(model: onnx.ModelProto, values: list[str]) -> onnx.ModelProto:
+    """``model`` computing only ``values``: its own outputs dropped, and with them everything
+    that fed only them (an LLM's vocabulary projection, the layers after the last value)."""
+    exposed = with_outputs(model, values)
+    g = GraphIndex(exposed)
+    drop = {v.name for v in exposed.graph.output} - set(values)
+    return rebuild(g, list(g.nodes), drop_outputs=drop)

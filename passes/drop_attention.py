@@ -36,7 +36,7 @@ class AttentionBlock:
     add: int  # the residual Add
     stream: str  # the residual stream it adds to
     nodes: frozenset[int]  # the attention branch
-    past: tuple[str, ...]  # graph inputs only this branch reads (KV cache)
+    past: tuple[str, ...]  # graph inputs this branch reads (its KV cache; maybe shared ones)
     present: tuple[str, ...]  # graph outputs this branch writes (KV cache)
 
 
@@ -147,8 +147,14 @@ def drop_attention(
             node = copy
         nodes.append(node)
     drop_outputs = {v for a in chosen for v in a.present}
-    drop_inputs = {v for a in chosen for v in a.past}
-    new = rebuild(g, nodes, drop_outputs=drop_outputs, drop_inputs=drop_inputs)
+    new = rebuild(g, nodes, drop_outputs=drop_outputs)
+    # A cache input goes once nothing reads it; inputs the layers share (the mask, positions,
+    # shapes taken from one layer's cache) are still read and stay.
+    read = {v for n in new.graph.node for v in n.input}
+    drop_inputs = {v for a in chosen for v in a.past if v not in read}
+    kept = [v for v in new.graph.input if v.name not in drop_inputs]
+    del new.graph.input[:]
+    new.graph.input.extend(kept)
     report = DropReport(
         layers=[a.layer for a in chosen],
         nodes_before=len(model.graph.node),
@@ -159,6 +165,31 @@ def drop_attention(
         removed_outputs=sorted(drop_outputs),
     )
     return new, report
+
+
+def gate_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[int, str]]:
+    """A copy where each layer's attention output is multiplied by a scalar graph input
+    ``attention_gate.<layer>`` before its residual Add: feeding 0 removes that attention
+    exactly, so one session scores the removal of every layer (the importance scan)."""
+    g = GraphIndex(model)
+    blocks, _ = find_blocks(g)
+    attention = find_attention(g, blocks)
+    gated = onnx.ModelProto()
+    gated.CopyFrom(model)
+    nodes = list(gated.graph.node)
+    gates: dict[int, str] = {}
+    for layer, a in sorted(attention.items(), reverse=True):  # back to front: positions hold
+        add = nodes[a.add]
+        branch = add.input[1] if add.input[0] == a.stream else add.input[0]
+        gate, scaled = f"attention_gate.{layer}", f"graphfuse/attention{layer}/gated"
+        nodes.insert(a.add, helper.make_node("Mul", [branch, gate], [scaled], name=scaled))
+        add.input[list(add.input).index(branch)] = scaled
+        elem = g.elem_type(add.output[0]) or onnx.TensorProto.FLOAT
+        gated.graph.input.append(helper.make_tensor_value_info(gate, elem, []))
+        gates[layer] = gate
+    del gated.graph.node[:]
+    gated.graph.node.extend(nodes)
+    return gated, dict(sorted(gates.items()))
 
 
 def _resolve(rename: dict[str, str], value: str) -> str:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import onnx
 
-from graphfuse import api, evaluate, text
-from graphfuse.demo import _feeds, _session, exported
+from graphfuse import api, evaluate, method
+from graphfuse.demo import exported
+from graphfuse.method import session
 from graphfuse.models import smollm2
 from graphfuse.passes.drop_attention import drop_attention
-from graphfuse.repair import repair_runs
 
 BRIEF = {  # run: (attention removed only, + fused, + fused and repaired), PyTorch, brief §6
     "3-5": (16.18, 18.11, 16.48),
@@ -58,10 +58,8 @@ def main() -> None:
     cache = smollm2.default_cache_dir()
     smollm2.fetch(cache)
     original = onnx.load(exported(cache, "logits", smollm2.export_logits))
-    windows = text.make_windows(
-        smollm2.load_tokenizer(cache), None, seq_len=512, evaluation=4, validation=4, calibration=16
-    )
-    ppl_onnx = evaluate.perplexity(_session(original, args.threads), windows.evaluation)
+    windows = method.windows(None, smollm2.load_tokenizer(cache))
+    ppl_onnx = evaluate.perplexity(session(original, args.threads), windows.evaluation)
     ppl_torch = torch_perplexity(windows.evaluation)
     print(f"original: ONNX {ppl_onnx:.3f}, PyTorch {ppl_torch:.3f} "
           f"(differ by {abs(ppl_onnx / ppl_torch - 1):.3%})")  # fmt: skip
@@ -70,9 +68,10 @@ def main() -> None:
         a, b = map(int, spec.split("-"))
         removed, _ = drop_attention(original, list(range(a + 1, b + 1)))
         fused, _ = api.fuse(removed, [(a, b)])
-        repaired, (fit,) = repair_runs(removed, [(a, b)], _feeds(windows.calibration),
-                                       _feeds(windows.validation), threads=args.threads)  # fmt: skip
-        ppl = [evaluate.perplexity(_session(m, args.threads), windows.evaluation)
+        repaired, (fit,) = method.fuse_and_repair(
+            removed, [(a, b)], windows.calibration, windows.validation, args.threads
+        )
+        ppl = [evaluate.perplexity(session(m, args.threads), windows.evaluation)
                for m in (removed, fused, repaired)]  # fmt: skip
         row = {"run": spec, "attention_removed": ppl[0], "fused": ppl[1], "repaired": ppl[2],
                "repaired_over_removed": ppl[2] / ppl[0], "lambda": fit.lam,

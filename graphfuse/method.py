@@ -1,0 +1,114 @@
+"""The data-driven half of FFN Fusion, shared by `graphfuse analyze`, `fuse --runs auto
+--repair` and `graphfuse demo`: token windows → dependency matrix → run selection checked on
+validation perplexity → fusion with least-squares repair.
+
+Models here are logits models (input ``input_ids``, output ``logits``) held in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from graphfuse.errors import GraphfuseError
+
+
+def tokenizer(name: str | Path | None = None) -> Any:
+    """A Hugging Face tokenizer from a folder, or SmolLM2's (the embedded default) for None."""
+    if name is None:
+        from graphfuse.models import smollm2
+
+        return smollm2.load_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(name))
+    except Exception as e:
+        raise GraphfuseError(f"cannot load a tokenizer from {name}: {e}") from None
+
+
+def windows(
+    files: Sequence[Path] | None, tok: Any, *, quick: bool = False, seq_len: int | None = None
+):
+    """Disjoint calibration / validation / evaluation windows of the user's files, or of the
+    standard library's docstrings."""
+    from graphfuse import text
+
+    counts = (
+        {"evaluation": 2, "validation": 2, "calibration": 4}
+        if quick
+        else {"evaluation": 4, "validation": 4, "calibration": 16}
+    )
+    return text.make_windows(tok, files, seq_len=seq_len or (256 if quick else 512), **counts)
+
+
+def feeds(ids: np.ndarray, batch: int = 2) -> list[dict[str, np.ndarray]]:
+    return [{"input_ids": ids[i : i + batch]} for i in range(0, len(ids), batch)]
+
+
+def session(model: onnx.ModelProto, threads: int | None = None):
+    """An ONNX Runtime CPU session of an in-memory model (the provider checked)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    s = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    if s.get_providers()[0] != "CPUExecutionProvider":
+        raise GraphfuseError("onnxruntime did not start the CPU provider")
+    return s
+
+
+def perplexity(model: onnx.ModelProto, ids: np.ndarray, threads: int | None = None) -> float:
+    from graphfuse import evaluate
+
+    return evaluate.perplexity(session(model, threads), ids, progress=False)
+
+
+def select(
+    model: onnx.ModelProto,
+    dependency,
+    candidates: list[tuple[int, int]],
+    validation: np.ndarray,
+    *,
+    target_stages: int | None = None,
+    max_increase: float | None = 0.1,
+    keep_last: bool = False,
+    threads: int | None = None,
+    check_windows: int | None = None,
+):
+    """The paper's greedy selection over ``candidates`` (maximal runs), each choice checked on
+    validation perplexity (of the first ``check_windows`` windows) against the unfused model's."""
+    from graphfuse import api
+    from graphfuse.selection import select_runs
+
+    def check(runs: list[tuple[int, int]]) -> float:
+        fused = api.fuse(model, runs)[0] if runs else model
+        return perplexity(fused, validation[:check_windows], threads)
+
+    return select_runs(
+        dependency,
+        candidates,
+        n_blocks=len(api.inspect(model).blocks),
+        target_stages=target_stages,
+        max_increase=max_increase,
+        check=check,
+        keep_last=keep_last,
+    )
+
+
+def fuse_and_repair(
+    model: onnx.ModelProto,
+    runs: list[tuple[int, int]],
+    calibration: np.ndarray,
+    validation: np.ndarray,
+    threads: int | None = None,
+):
+    """Fuse ``runs`` and refit each fused down-projection (see graphfuse.repair)."""
+    from graphfuse.repair import repair_runs
+
+    return repair_runs(model, runs, feeds(calibration), feeds(validation), threads=threads)
