@@ -208,6 +208,7 @@ def _demo(args: argparse.Namespace) -> int:
         cache_dir=args.cache,
         text=args.text,
         threads=args.threads,
+        latency_threads=args.latency_threads,
         target_stages=args.target_stages,
         max_increase=args.max_increase,
         layers=None if args.layers is None else parse_indices(args.layers),
@@ -363,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smaller run (under 3 minutes)")
     p.add_argument("--cache", type=Path, help="model cache (default ~/.cache/graphfuse)")
     p.add_argument("--text", type=Path, nargs="+", help="your own text or token-id files")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads for evaluation (default: all)")
+    p.add_argument("--latency-threads", type=int, default=1, help="threads for the timing")
     p.add_argument("--target-stages", type=int, default=20, help="FFN depth to reach")
     p.add_argument(
         "--max-increase", type=float, default=0.10,

@@ -80,14 +80,23 @@ def select(
     keep_last: bool = False,
     threads: int | None = None,
     check_windows: int | None = None,
+    calibration: np.ndarray | None = None,
 ):
     """The paper's greedy selection over ``candidates`` (maximal runs), each choice checked on
-    validation perplexity (of the first ``check_windows`` windows) against the unfused model's."""
+    validation perplexity (of the first ``check_windows`` windows) against the unfused model's;
+    with ``calibration``, each candidate set is repaired before it is judged."""
     from graphfuse import api
     from graphfuse.selection import select_runs
 
     def check(runs: list[tuple[int, int]]) -> float:
-        fused = api.fuse(model, runs)[0] if runs else model
+        if not runs:
+            return perplexity(model, validation[:check_windows], threads)
+        if calibration is not None:  # judge the runs as they will ship: repaired
+            fused, _ = fuse_and_repair(
+                model, runs, calibration, validation, threads, progress=False
+            )
+        else:
+            fused, _ = api.fuse(model, runs)
         return perplexity(fused, validation[:check_windows], threads)
 
     return select_runs(
@@ -107,8 +116,11 @@ def fuse_and_repair(
     calibration: np.ndarray,
     validation: np.ndarray,
     threads: int | None = None,
+    progress: bool = True,
 ):
     """Fuse ``runs`` and refit each fused down-projection (see graphfuse.repair)."""
     from graphfuse.repair import repair_runs
 
-    return repair_runs(model, runs, feeds(calibration), feeds(validation), threads=threads)
+    return repair_runs(
+        model, runs, feeds(calibration), feeds(validation), threads=threads, progress=progress
+    )

@@ -31,38 +31,8 @@ def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
-# --- fixtures: one fetch, one load, one export of each model per module -------------------------
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private cache holding the verified GGUF; copied from the user's cache when present."""
-    cache = tmp_path_factory.mktemp("smollm2-cache")
-    cached = smollm2.default_cache_dir() / smollm2.GGUF_NAME
-    if cached.is_file():
-        shutil.copy(cached, cache / smollm2.GGUF_NAME)  # fetch() below still verifies it
-    smollm2.fetch(cache)
-    return cache
-
-
-@pytest.fixture(scope="module")
-def model_and_tokenizer(cache_dir: Path):
-    return smollm2.load(cache_dir)
-
-
-@pytest.fixture(scope="module")
-def logits_onnx(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return smollm2.export_logits(tmp_path_factory.mktemp("export") / "logits.onnx", cache_dir)
-
-
-@pytest.fixture(scope="module")
-def decoder_onnx(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return smollm2.export_decoder(tmp_path_factory.mktemp("export") / "decoder.onnx", cache_dir)
-
-
-@pytest.fixture(scope="module")
-def windows(model_and_tokenizer) -> text.TokenWindows:
-    return text.make_windows(model_and_tokenizer[1])
+# Fixtures (cache_dir, model_and_tokenizer, logits_onnx, decoder_onnx, windows) live in
+# conftest.py: one fetch and one export of each model per test session.
 
 
 def _torch_logits(model, ids: np.ndarray) -> np.ndarray:
