@@ -27,23 +27,31 @@ def export_module(
     dynamic_shapes: Any = None,
     opset: int | None = 18,
 ) -> onnx.ModelProto:
-    """``module`` as an ONNX model, exported by torch.onnx's dynamo exporter."""
+    """``module`` as an ONNX model, exported by torch.onnx's dynamo exporter (the TorchScript
+    one fails on transformers 5), its IR version clamped to one ONNX Runtime reads."""
+    import warnings
+
     import torch
 
-    module = _plain_logits(module)
     module.eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Exporter-internal noise, not the user's business: a pytree deprecation inside torch,
+        # and a note for every Dim that is named more than once (batch in all inputs).
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*will not be used, since it shares")
         program = torch.onnx.export(
             module,
             example_inputs,
             dynamo=True,
+            optimize=True,
             input_names=input_names,
             output_names=output_names,
             dynamic_shapes=dynamic_shapes,
             opset_version=opset,
             verbose=False,
         )
-    proto = program.model_proto  # type: ignore[union-attr]
+    assert program is not None  # None only when dynamo=False
+    proto = program.model_proto
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
     return proto
 
@@ -58,7 +66,7 @@ def fuse_module(
     **export_options: Any,
 ) -> tuple[onnx.ModelProto, FusionReport]:
     """Export ``module`` and fuse its FFN runs; return the fused model and the report."""
-    proto = export_module(module, example_inputs, **export_options)
+    proto = export_module(_plain_logits(module), example_inputs, **export_options)
     return fuse(proto, runs, max_run_length=max_run_length, keep_last=keep_last)
 
 

@@ -33,9 +33,9 @@ from torch import nn
 
 from graphfuse.errors import GraphfuseError
 
-# ONNX Runtime 1.31 loads IR versions up to 13 (1.32 reads 14); onnx 1.23 writes 14 by default,
-# so every file written here is clamped to 13 to stay loadable by the runtimes users have.
-MAX_IR_VERSION = 13
+# onnx 1.23 writes IR 14 by default, newer than the runtimes users have read: every file
+# written here is clamped (see graphfuse.export).
+from graphfuse.export import MAX_IR_VERSION
 
 _ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 _GATE_UP = ("separate", "gate_first", "up_first")
@@ -469,19 +469,17 @@ def _export_dynamo(
 ) -> onnx.ModelProto:
     # Dims given by name: torch.onnx makes them Dim.DYNAMIC, which (unlike torch.export.Dim)
     # tolerates the size-1 example batch, and names the ONNX dims "batch" and "seq".
+    from graphfuse.export import export_module
+
     dynamic = {"input_ids": {0: "batch", 1: "seq"}}
-    program = torch.onnx.export(
+    return export_module(
         module,
         (input_ids,),
-        dynamo=True,
         input_names=["input_ids"],
         output_names=["logits"],
         dynamic_shapes=dynamic,
-        opset_version=opset,
-        verbose=False,
+        opset=opset,
     )
-    assert program is not None
-    return program.model_proto
 
 
 def _export_legacy(

@@ -35,13 +35,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import warnings
 import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from graphfuse.errors import GraphfuseError
+from graphfuse.export import MAX_IR_VERSION
 
 if TYPE_CHECKING:
     import onnx
@@ -65,7 +65,7 @@ VOCAB_SIZE = 49152
 
 # The dynamo exporter writes IR 10 at opset 20. onnx 1.23's helpers default to IR 14, newer than
 # onnxruntime reads (1.31 reads up to 13), so exports are capped at 10, which it reads.
-ONNX_IR_VERSION = 10
+ONNX_IR_VERSION = MAX_IR_VERSION  # what the exports are written as
 
 
 def default_cache_dir() -> Path:
@@ -292,27 +292,19 @@ def _export(
     dynamic_shapes: dict[str, Any],
     path: Path,
 ) -> Path:
-    """Export with the dynamo exporter (the legacy one fails on transformers 5) and save."""
+    """Export with the dynamo exporter, name the weights, and save."""
     import torch
 
-    with torch.no_grad(), warnings.catch_warnings():
-        # Exporter-internal noise, not the user's business: a pytree deprecation inside torch,
-        # and a note for every Dim that is named more than once (batch in all 63 inputs).
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*will not be used, since it shares")
-        program = torch.onnx.export(
-            module,
-            args,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_shapes=dynamic_shapes,
-            dynamo=True,
-            optimize=True,
-            verbose=False,
-        )
-    assert program is not None  # None only when dynamo=False
-    proto = program.model_proto
-    proto.ir_version = min(proto.ir_version, ONNX_IR_VERSION)
+    from graphfuse.export import export_module
+
+    proto = export_module(
+        module,
+        args,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_shapes=dynamic_shapes,
+        opset=None,
+    )
     linears = {name for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
     _name_linear_weights(proto.graph, linears)
     _read_cache_shapes_from_layer_0(proto.graph)
