@@ -280,7 +280,53 @@ def _time(decoder_path: Path, layers, runs, repaired: onnx.ModelProto, config: D
     assert merged is not None
     latency.plot_report(merged, config.out / "latency.png")
     print(latency.format_table(merged))
-    return merged.as_dict(), kv
+    results = merged.as_dict()
+    results["amdahl"] = _amdahl(runs, merged, config)
+    return results, kv
+
+
+def _amdahl(runs, measured, config: DemoConfig) -> dict:
+    """What the segment speed-ups predict for the whole decode step, and how close it came.
+
+    At batch 1 a decode step streams its weights, so a segment's share of the step is taken as
+    its share of the weight bytes read. Each run length's segment
+    speed-up is measured on its own (synthetic blocks of SmolLM2's sizes, same harness)."""
+    import tempfile
+
+    from graphfuse import api, latency
+    from graphfuse.models import smollm2
+    from graphfuse.models.synthetic import build
+
+    hidden, inter = smollm2.HIDDEN_SIZE, smollm2.INTERMEDIATE_SIZE
+    block_bytes = 3 * hidden * inter * 4
+    decode = next(r for r in measured.results if r.scenario == "decode-128")
+    step_bytes = measured.weight_bytes_a
+    lengths: dict[int, int] = {}
+    for a, b in runs:
+        lengths[b - a + 1] = lengths.get(b - a + 1, 0) + 1
+    speedups, shares = {}, {}
+    with tempfile.TemporaryDirectory(prefix="graphfuse-amdahl-") as tmp:
+        for k, count in sorted(lengths.items()):
+            segment = build(hidden, [inter] * k, seed=0).model
+            fused, _ = api.fuse(segment, "all")
+            paths = [Path(tmp) / f"seq{k}.onnx", Path(tmp) / f"fused{k}.onnx"]
+            onnx.save(segment, paths[0])
+            onnx.save(fused, paths[1])
+            report = latency.compare_latency(
+                *paths, scenarios=["decode-128"], threads=config.latency_threads,
+                pairs=100 if config.quick else 300, bandwidth=measured.bandwidth,
+            )  # fmt: skip
+            speedups[k] = report.results[0].ratio_median
+            shares[k] = count * k * block_bytes / step_bytes
+    rest = 1 - sum(shares.values())
+    predicted = 1 / (rest + sum(shares[k] / speedups[k] for k in shares))
+    return {
+        "segment_speedup_by_run_length": speedups,
+        "segment_share_of_step_bytes": shares,
+        "predicted_step_speedup": predicted,
+        "measured_step_speedup": decode.ratio_median,
+        "measured_over_predicted": decode.ratio_median / predicted,
+    }
 
 
 def _write(report: DemoReport, out: Path) -> None:
@@ -301,8 +347,8 @@ def _write(report: DemoReport, out: Path) -> None:
         "![dependency](dependency.png)",
     ]
     if report.latency:
-        lines += ["", "## Latency", "", "```", json.dumps(report.latency, indent=2, default=str), "```",
-                  "", "![latency](latency.png)"]  # fmt: skip
+        lines += ["", "## Latency (ONNX Runtime CPU)", "", *_latency_lines(report)[1:], "",
+                  "![latency](latency.png)"]  # fmt: skip
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -311,3 +357,21 @@ def print_summary(report: DemoReport) -> None:
     print(f"{'model':<20}{'perplexity':>12}{'top-1 agree':>13}{'FFN stages':>12}")
     for r in report.rows:
         print(f"{r.model:<20}{r.perplexity:>12.2f}{r.top1_agreement:>13.3f}{r.ffn_stages:>12}")
+    for line in _latency_lines(report):
+        print(line)
+
+
+def _latency_lines(report: DemoReport) -> list[str]:
+    if not report.latency:
+        return []
+    lines = ["", "speed-up of fused + repaired over attention removed (median of pairwise ratios):"]
+    for r in report.latency["results"]:
+        lines.append(f"  {r['scenario']:<12} {r['ratio_median']:.3f}×")
+    amdahl = report.latency.get("amdahl")
+    if amdahl:
+        lines.append(
+            f"  Amdahl bound from the segment speed-ups {amdahl['segment_speedup_by_run_length']} "
+            f"and shares {', '.join(f'{v:.1%}' for v in amdahl['segment_share_of_step_bytes'].values())}: "
+            f"{amdahl['predicted_step_speedup']:.3f}×; measured {amdahl['measured_step_speedup']:.3f}×"
+        )
+    return lines

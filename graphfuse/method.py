@@ -7,6 +7,7 @@ Models here are logits models (input ``input_ids``, output ``logits``) held in m
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,10 @@ def select(
             )
         else:
             fused, _ = api.fuse(model, runs)
-        return perplexity(fused, validation[:check_windows], threads)
+        value = perplexity(fused, validation[:check_windows], threads)
+        shown = ", ".join(f"{a}-{b}" for a, b in runs)
+        print(f"  checked {shown}: validation perplexity {value:.2f}", file=sys.stderr, flush=True)
+        return value
 
     return select_runs(
         dependency,

@@ -3,8 +3,8 @@
 Candidates are the contiguous sub-ranges a..b (at least two blocks) of the model's fusable
 maximal runs. A candidate's score is the largest M[i, j] inside it (a ≤ i < j ≤ b); the sum is
 kept beside it. Candidates are tried from the lowest score up — on a tie the longer one first,
-since it saves more FFN stages, then the lower sum — and each one that does not overlap a
-chosen one is kept, until the budget is met:
+since it saves more FFN stages, then the lower sum — and each one is kept, until the budget is
+met (a candidate that overlaps chosen runs is tried as their union, one longer run):
 
 - ``target_stages``: stop once FFN stages = n_blocks − Σ(len(run) − 1) ≤ target;
 - ``max_increase`` with ``check``: keep a candidate only if ``check(chosen + [candidate])``
@@ -138,13 +138,25 @@ def select_runs(
         selection.baseline = float(check([]))
         limit = selection.baseline * (1 + max_increase)  # type: ignore[operator]
 
+    by_span = {c.span: c for c in found}
     taken: list[Candidate] = []
     for c in found:
         if target_stages is not None and stages <= target_stages:
             break
-        if any(c.span[0] <= t.span[1] and t.span[0] <= c.span[1] for t in taken):
-            continue  # overlaps a run already chosen
-        trial = sorted([t.fused for t in taken] + [c.fused])
+        overlapping = [t for t in taken if c.span[0] <= t.span[1] and t.span[0] <= c.span[1]]
+        if overlapping:
+            # A candidate that overlaps chosen runs grows them: the union is one run (all lie
+            # in one maximal run), scored as a whole. Pairs come first, so without this the
+            # first pairs chosen would block every longer run through them.
+            union = (min(c.span[0], *(t.span[0] for t in overlapping)),
+                     max(c.span[1], *(t.span[1] for t in overlapping)))  # fmt: skip
+            grown = by_span.get(union)
+            if keep_last or grown is None or grown.saves <= sum(t.saves for t in overlapping):
+                continue
+            c = Candidate(grown.span, grown.fused, max(grown.max, c.max), grown.sum)
+        rest = [t for t in taken if t not in overlapping]
+        gain = c.saves - sum(t.saves for t in overlapping)
+        trial = sorted([t.fused for t in rest] + [c.fused])
         value = None
         if check is not None:
             value = float(check(trial))
@@ -155,9 +167,9 @@ def select_runs(
                               f"(1 + {max_increase:g})")
                 )  # fmt: skip
                 continue
-        taken.append(c)
-        stages -= c.saves
-        reason = f"lowest max M among the candidates left, saves {c.saves} stage(s)"
+        taken = [*rest, c]
+        stages -= gain
+        reason = f"lowest max M among the candidates left, saves {gain} stage(s)"
         if value is not None:
             reason += f"; {value:.6g} ≤ {limit:.6g}"
         selection.decisions.append(_decision(c, True, value, stages, reason))

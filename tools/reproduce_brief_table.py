@@ -32,10 +32,20 @@ BRIEF = {  # run: (attention removed only, + fused, + fused and repaired), PyTor
 }
 
 
-def torch_perplexity(windows) -> float:
+def torch_perplexity(windows, without_attention: list[int] = ()) -> float:  # type: ignore[assignment]
+    """PyTorch's perplexity, with the attention of some layers replaced by zero (removed)."""
+    import copy
+    import math
+
     import torch
 
-    model, _ = smollm2.load()
+    model = copy.deepcopy(smollm2.load()[0])
+    for layer in without_attention:
+        attention = model.model.layers[layer].self_attn
+        attention.forward = lambda hidden_states, *args, **kwargs: (
+            torch.zeros_like(hidden_states),
+            None,
+        )
     nll, count = 0.0, 0
     with torch.no_grad():
         for ids in windows:
@@ -43,8 +53,6 @@ def torch_perplexity(windows) -> float:
             logits = model(ids_t, use_cache=False).logits[0, :-1].double()
             nll += float(torch.nn.functional.cross_entropy(logits, ids_t[0, 1:], reduction="sum"))
             count += len(ids) - 1
-    import math
-
     return math.exp(nll / count)
 
 
@@ -73,12 +81,15 @@ def main() -> None:
         )
         ppl = [evaluate.perplexity(session(m, args.threads), windows.evaluation)
                for m in (removed, fused, repaired)]  # fmt: skip
-        row = {"run": spec, "attention_removed": ppl[0], "fused": ppl[1], "repaired": ppl[2],
+        torch_removed = torch_perplexity(windows.evaluation, list(range(a + 1, b + 1)))
+        row = {"run": spec, "attention_removed": ppl[0], "torch_attention_removed": torch_removed,
+               "fused": ppl[1], "repaired": ppl[2],
                "repaired_over_removed": ppl[2] / ppl[0], "lambda": fit.lam,
                "brief": BRIEF.get(spec), "repair": asdict(fit)}  # fmt: skip
         rows.append(row)
         print(f"run {spec:>6}: removed {ppl[0]:8.2f}  fused {ppl[1]:10.2f}  repaired {ppl[2]:8.2f}"
-              f"  (+{ppl[2] / ppl[0] - 1:.1%} over removed, λ={fit.lam:g})"
+              f"  (+{ppl[2] / ppl[0] - 1:.1%} over removed, λ={fit.lam:g}; PyTorch removed "
+              f"{torch_removed:.2f}, {abs(ppl[0] / torch_removed - 1):.2%} apart)"
               f"   brief: {BRIEF.get(spec)}", flush=True)  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"original_onnx": ppl_onnx, "original_torch": ppl_torch,
