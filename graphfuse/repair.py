@@ -162,7 +162,9 @@ class _WideFfn:
         self.prefix, self.eps, self.activation = prefix, first.norm.eps, first.activation
         self.gate = get("gate_weight").astype(np.float64)  # type: ignore[union-attr]
         self.up = get("up_weight").astype(np.float64)  # type: ignore[union-attr]
-        self.down = get("down_weight")
+        down = get("down_weight")
+        assert down is not None, prefix
+        self.down: np.ndarray = down
         self.gate_bias, self.up_bias = get("gate_bias"), get("up_bias")
         down_bias = get("down_bias")
         self.down_bias = 0.0 if down_bias is None else down_bias.astype(np.float64)

@@ -12,6 +12,7 @@ single-head self-attention sub-block (Softmax over the sequence) can be placed a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import ml_dtypes
@@ -221,7 +222,7 @@ def _gate_up(b: _Builder, z: str, w: BlockWeights, p: str) -> tuple[str, str]:
     gate_first = mode.endswith("gate_first")
     parts = [w.gate, w.up] if gate_first else [w.up, w.gate]
     biases = [w.gate_bias, w.up_bias] if gate_first else [w.up_bias, w.gate_bias]
-    packed_bias = None if biases[0] is None else np.concatenate(biases)
+    packed_bias: np.ndarray | None = None if biases[0] is None else np.concatenate(biases)  # type: ignore[arg-type]
     y = _project(b, z, np.concatenate(parts, axis=1), packed_bias, f"{p}/gate_up")
     n = w.gate.shape[1]
     if mode.startswith("split"):
@@ -367,7 +368,7 @@ def attend(a: AttentionWeights, x: np.ndarray) -> np.ndarray:
     return x + (p / p.sum(-1, keepdims=True)) @ v
 
 
-def reference(model: Synthetic, x: np.ndarray, runs: list[tuple[int, int]] = ()) -> np.ndarray:
+def reference(model: Synthetic, x: np.ndarray, runs: Sequence[tuple[int, int]] = ()) -> np.ndarray:
     """The model's output in float64 with each run (first, last) of blocks made parallel:
     X_out = X + Σ FFN_i(n_i(X)) — the result FFN Fusion must reproduce exactly."""
     x = x.astype(np.float64)
