@@ -50,13 +50,15 @@ class RidgeAccumulator:
 
     def solve(self, prior: np.ndarray, lam: float) -> np.ndarray:
         """The ridge solution pulled towards ``prior`` with strength λ·s."""
+        from scipy.linalg import LinAlgError, cho_factor, cho_solve
+
         s = float(np.mean(np.diag(self.hth)))
         a = self.hth + lam * s * np.eye(self.hth.shape[0])
         b = self.hty + lam * s * prior.astype(np.float64)
-        try:
-            return np.linalg.solve(a, b)
-        except np.linalg.LinAlgError:  # singular even with the ridge: least squares instead
-            return np.linalg.lstsq(a, b, rcond=None)[0]
+        try:  # HᵀH + λsI is symmetric positive definite for λ > 0: Cholesky, half LU's work
+            return cho_solve(cho_factor(a, overwrite_a=True), b)
+        except LinAlgError:  # not numerically positive definite: least squares instead
+            return np.linalg.lstsq(self.hth + lam * s * np.eye(len(a)), b, rcond=None)[0]
 
     def loss(self, w: np.ndarray) -> float:
         """‖H W − T‖² / ‖T‖² over the accumulated rows."""
