@@ -89,7 +89,14 @@ def select(
     from graphfuse import api
     from graphfuse.selection import select_runs
 
+    seen: dict[tuple, float] = {}  # a union of runs can be reached from several candidates
+
     def check(runs: list[tuple[int, int]]) -> float:
+        if tuple(runs) not in seen:
+            seen[tuple(runs)] = measure(runs)
+        return seen[tuple(runs)]
+
+    def measure(runs: list[tuple[int, int]]) -> float:
         if not runs:
             return perplexity(model, validation[:check_windows], threads)
         if calibration is not None:  # judge the runs as they will ship: repaired
