@@ -195,7 +195,7 @@ def run_demo(config: DemoConfig) -> DemoReport:
         max_increase=config.max_increase,
         threads=config.threads,
         check_windows=2,
-        calibration=windows.calibration[:4],
+        calibration=windows.calibration[: 2 if config.quick else 4],
     )
     runs = [(a, b) for a, b in selection.runs]
     report.runs = [f"{a}-{b}" for a, b in runs]
@@ -264,7 +264,7 @@ def _time(decoder_path: Path, layers, runs, repaired: onnx.ModelProto, config: D
         paths[name] = work / f"decoder-{name}.onnx"
         onnx.save(model, paths[name])
     # Decode steps are short, so many pairs; a prefill is ~10× longer, so fewer.
-    plan = {"decode-128": 100} if config.quick else {"decode-128": 300, "decode-1024": 300,
+    plan = {"decode-128": 60} if config.quick else {"decode-128": 300, "decode-1024": 300,
                                                      "prefill-128": 40}  # fmt: skip
     merged = None
     for scenario, pairs in plan.items():
@@ -314,7 +314,7 @@ def _amdahl(runs, measured, config: DemoConfig) -> dict:
             onnx.save(fused, paths[1])
             report = latency.compare_latency(
                 *paths, scenarios=["decode-128"], threads=config.latency_threads,
-                pairs=100 if config.quick else 300, bandwidth=measured.bandwidth,
+                pairs=60 if config.quick else 300, bandwidth=measured.bandwidth,
             )  # fmt: skip
             speedups[k] = report.results[0].ratio_median
             shares[k] = count * k * block_bytes / step_bytes
