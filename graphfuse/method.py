@@ -82,6 +82,7 @@ def select(
     threads: int | None = None,
     check_windows: int | None = None,
     calibration: np.ndarray | None = None,
+    max_length: int | None = None,
 ):
     """The paper's greedy selection over ``candidates`` (maximal runs), each choice checked on
     validation perplexity (of the first ``check_windows`` windows) against the unfused model's;
@@ -118,6 +119,7 @@ def select(
         max_increase=max_increase,
         check=check,
         keep_last=keep_last,
+        max_length=max_length,
     )
 
 
