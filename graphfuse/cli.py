@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repair", action="store_true", help="refit fused down-projections (ridge)")
     g.add_argument("--target-stages", type=int, help="--runs auto: stop at this FFN depth")
     g.add_argument("--max-increase", type=float, default=0.1,
-                   help="--runs auto: largest validation-perplexity increase per run")  # fmt: skip
+                   help="--runs auto: largest validation-perplexity increase of all fused runs")  # fmt: skip
     _data_args(p)
     _json_arg(p)
 
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-stages", type=int, default=20, help="FFN depth to reach")
     p.add_argument(
         "--max-increase", type=float, default=0.10,
-        help="largest validation-perplexity increase a fused run may cause",
+        help="largest validation-perplexity increase the fused runs may cause together",
     )  # fmt: skip
     p.add_argument("--layers", help="attention layers to remove (default: importance scan)")
 

@@ -33,13 +33,9 @@ class DemoConfig:
     threads: int | None = None  # ONNX Runtime intra-op threads for evaluation (None: all cores)
     latency_threads: int = 1  # for timing: one thread is the stable measurement on a shared box
     target_stages: int = 20
-    max_increase: float = 0.10  # per accepted run, on validation perplexity
+    max_increase: float = 0.10  # of the chosen runs together, on validation perplexity
     layers: list[int] | None = None  # attention to remove; None: the importance scan decides
     spare: int = 2  # attention layers removed beyond the target, to give selection a choice
-
-    @property
-    def seq_len(self) -> int:
-        return 256 if self.quick else 512
 
 
 @dataclass

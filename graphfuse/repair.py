@@ -113,6 +113,7 @@ def repair_runs(
     X with the fused weights (exactly what the fused graph computes, in float64).
     """
     import graphfuse
+    from graphfuse.method import session
     from graphfuse.surgery import only_outputs
 
     found = graphfuse.inspect(model)
@@ -120,7 +121,7 @@ def repair_runs(
     weights = {t.name: t for t in fused.graph.initializer if t.name.startswith("graphfuse/")}
     ends = [(found.blocks[a], found.blocks[b]) for a, b in runs]
     taps = [v for first, last in ends for v in (first.residual_in, last.residual_out)]
-    sequential = _session(only_outputs(model, taps), threads)
+    sequential = session(only_outputs(model, taps), threads)
     wide = [
         _WideFfn(weights, f"graphfuse/ffn{a}-{b}", first)
         for (a, b), (first, _) in zip(runs, ends, strict=True)
@@ -192,20 +193,6 @@ ACTIVATIONS = {
     "gelu": _gelu,
     "gelu_tanh": lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))),
 }
-
-
-def _session(model: onnx.ModelProto, threads: int | None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    if session.get_providers()[0] != "CPUExecutionProvider":
-        raise GraphfuseError("onnxruntime did not start the CPU provider")
-    return session
 
 
 def _replace(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
