@@ -232,6 +232,7 @@ def _fuse_measured(args: argparse.Namespace) -> int:
     windows = method.windows(args.calib, method.tokenizer(args.tokenizer))
     found = api.inspect(model)
     result: dict = {}
+    fits: dict = {}  # with --repair, the checks judge repaired runs and keep their fits
     if args.runs == "auto":
         candidates = [(r.first, r.last) for r in found.fusable()]
         if not candidates:
@@ -242,6 +243,7 @@ def _fuse_measured(args: argparse.Namespace) -> int:
             model, dependency, candidates, windows.validation,
             target_stages=args.target_stages, max_increase=args.max_increase,
             keep_last=args.keep_last, threads=args.threads,
+            calibration=windows.calibration if args.repair else None, fits=fits,
         )  # fmt: skip
         runs = [(a, b) for a, b in selection.runs]
         result["selection"] = json.loads(selection.to_json())
@@ -256,7 +258,7 @@ def _fuse_measured(args: argparse.Namespace) -> int:
         raise GraphfuseError("no run was selected: nothing to fuse")
     if args.repair:
         fused, repairs = method.fuse_and_repair(
-            model, runs, windows.calibration, windows.validation, args.threads
+            model, runs, windows.calibration, windows.validation, args.threads, cache=fits
         )
         result["repairs"] = [asdict(r) for r in repairs]
     else:
@@ -335,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repair", action="store_true", help="refit fused down-projections (ridge)")
     g.add_argument("--target-stages", type=int, help="--runs auto: stop at this FFN depth")
     g.add_argument("--max-increase", type=float, default=0.1,
-                   help="--runs auto: largest validation-perplexity increase of all fused runs")  # fmt: skip
+                   help="--runs auto: largest validation-perplexity increase of all fused runs "
+                        "(judged repaired with --repair)")  # fmt: skip
     _data_args(p)
     _json_arg(p)
 

@@ -85,7 +85,9 @@ class _Steps:
 
 def exported(cache: Path, name: str, export) -> Path:
     """An export of SmolLM2, made once and kept in the cache."""
-    path = cache / f"smollm2-{name}.onnx"
+    from graphfuse.models import smollm2
+
+    path = cache / f"smollm2-{name}-v{smollm2.EXPORT_VERSION}.onnx"
     if not path.is_file():
         export(path, cache)
     return path
@@ -182,6 +184,7 @@ def run_demo(config: DemoConfig) -> DemoReport:
 
     step("select runs (greedy on the dependency matrix, checked on validation perplexity)")
     target = n_blocks - 2 if config.quick else config.target_stages
+    fits: dict = {}  # repairs made while checking, kept for the final model
     selection = method.select(
         removed,
         dependency,
@@ -191,10 +194,11 @@ def run_demo(config: DemoConfig) -> DemoReport:
         max_increase=config.max_increase,
         threads=config.threads,
         check_windows=2,
-        calibration=windows.calibration[: 2 if config.quick else 4],
+        calibration=windows.calibration,
         # Short runs: the brief's table and ours show error growing with run length, and a
         # check repairs at the run's full width, so long unions are slow to judge too.
         max_length=3,
+        fits=fits,
     )
     runs = [(a, b) for a, b in selection.runs]
     report.runs = [f"{a}-{b}" for a, b in runs]
@@ -205,7 +209,7 @@ def run_demo(config: DemoConfig) -> DemoReport:
     step(f"fuse runs {', '.join(report.runs)} and repair their down-projections")
     fused, _ = api.fuse(removed, runs)
     repaired, repairs = method.fuse_and_repair(
-        removed, runs, windows.calibration, windows.validation, config.threads
+        removed, runs, windows.calibration, windows.validation, config.threads, cache=fits
     )
     report.repairs = [asdict(r) for r in repairs]
     onnx.save(repaired, config.out / "smollm2-fused-repaired.onnx")

@@ -33,10 +33,15 @@ def tokenizer(name: str | Path | None = None) -> Any:
 
 
 def windows(
-    files: Sequence[Path] | None, tok: Any, *, quick: bool = False, seq_len: int | None = None
+    files: Sequence[Path] | None,
+    tok: Any,
+    *,
+    quick: bool = False,
+    seq_len: int | None = None,
+    calibration: int | None = None,
 ):
     """Disjoint calibration / validation / evaluation windows of the user's files, or of the
-    standard library's docstrings."""
+    standard library's docstrings; ``calibration`` windows (default 4 quick, else 16)."""
     from graphfuse import text
 
     counts = (
@@ -44,6 +49,8 @@ def windows(
         if quick
         else {"evaluation": 4, "validation": 4, "calibration": 16}
     )
+    if calibration is not None:
+        counts["calibration"] = calibration
     return text.make_windows(tok, files, seq_len=seq_len or (256 if quick else 512), **counts)
 
 
@@ -83,14 +90,17 @@ def select(
     check_windows: int | None = None,
     calibration: np.ndarray | None = None,
     max_length: int | None = None,
+    fits: dict | None = None,
 ):
     """The paper's greedy selection over ``candidates`` (maximal runs), each choice checked on
     validation perplexity (of the first ``check_windows`` windows) against the unfused model's;
-    with ``calibration``, each candidate set is repaired before it is judged."""
+    with ``calibration``, each candidate set is repaired before it is judged, and ``fits``
+    collects the repairs (for :func:`fuse_and_repair` on the same data)."""
     from graphfuse import api
     from graphfuse.selection import select_runs
 
     seen: dict[tuple, float] = {}  # a union of runs can be reached from several candidates
+    fits = {} if fits is None else fits  # a run's repair does not depend on the other runs
 
     def check(runs: list[tuple[int, int]]) -> float:
         if tuple(runs) not in seen:
@@ -102,7 +112,7 @@ def select(
             return perplexity(model, validation[:check_windows], threads)
         if calibration is not None:  # judge the runs as they will ship: repaired
             fused, _ = fuse_and_repair(
-                model, runs, calibration, validation, threads, progress=False
+                model, runs, calibration, validation, threads, progress=False, cache=fits
             )
         else:
             fused, _ = api.fuse(model, runs)
@@ -130,10 +140,13 @@ def fuse_and_repair(
     validation: np.ndarray,
     threads: int | None = None,
     progress: bool = True,
+    cache: dict | None = None,
 ):
-    """Fuse ``runs`` and refit each fused down-projection (see graphfuse.repair)."""
+    """Fuse ``runs`` and refit each fused down-projection (see graphfuse.repair); ``cache``
+    keeps fits between calls on the same model and data."""
     from graphfuse.repair import repair_runs
 
     return repair_runs(
-        model, runs, feeds(calibration), feeds(validation), threads=threads, progress=progress
-    )
+        model, runs, feeds(calibration), feeds(validation), threads=threads, progress=progress,
+        cache=cache,
+    )  # fmt: skip

@@ -63,6 +63,10 @@ NUM_KV_HEADS = 3
 HEAD_DIM = 64
 VOCAB_SIZE = 49152
 
+# Bumped whenever an export changes, so that cached exports (the demo's) are made again.
+# 2: the logits model gets an all-ones attention mask (no INT64 CumSum).
+EXPORT_VERSION = 2
+
 # The dynamo exporter writes IR 10 at opset 20. onnx 1.23's helpers default to IR 14, newer than
 # onnxruntime reads (1.31 reads up to 13), so exports are capped at 10, which it reads.
 ONNX_IR_VERSION = MAX_IR_VERSION  # what the exports are written as
@@ -242,7 +246,12 @@ def _logits_module(causal_lm: Any) -> torch.nn.Module:
             self.lm_head = causal_lm.lm_head
 
         def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            hidden = self.model(input_ids=input_ids, use_cache=False).last_hidden_state
+            # An explicit all-ones mask: without one, transformers looks for packed sequences
+            # in the positions with an INT64 CumSum, which TensorRT's parser cannot take.
+            mask = torch.ones_like(input_ids)
+            hidden = self.model(
+                input_ids=input_ids, attention_mask=mask, use_cache=False
+            ).last_hidden_state
             return self.lm_head(hidden)
 
     return Logits().eval()

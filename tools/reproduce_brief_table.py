@@ -4,8 +4,8 @@ perplexity on 4 × 512 tokens of standard-library docstrings after each step.
 
     python tools/reproduce_brief_table.py [--runs 3-5,3-7,10-12,14-17,24-28] [--json out.json]
 
-Calibration (for the repair) uses 16 × 512 other tokens; λ is chosen on 4 × 512 validation
-tokens. The original model's ONNX perplexity is compared with PyTorch's on the same windows.
+Calibration (for the repair) uses 48 × 512 other tokens (`--calibration-windows`), each
+window's first token left out; λ is chosen on 4 × 512 validation tokens. The original model's ONNX perplexity is compared with PyTorch's on the same windows.
 """
 
 from __future__ import annotations
@@ -61,12 +61,16 @@ def main() -> None:
     parser.add_argument("--runs", default=",".join(BRIEF))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--calibration-windows", type=int, default=48,
+                        help="512-token windows the repair is fitted on (default 48)")  # fmt: skip
     args = parser.parse_args()
 
     cache = smollm2.default_cache_dir()
     smollm2.fetch(cache)
     original = onnx.load(exported(cache, "logits", smollm2.export_logits))
-    windows = method.windows(None, smollm2.load_tokenizer(cache))
+    windows = method.windows(
+        None, smollm2.load_tokenizer(cache), calibration=args.calibration_windows
+    )
     ppl_onnx = evaluate.perplexity(session(original, args.threads), windows.evaluation)
     ppl_torch = torch_perplexity(windows.evaluation)
     print(f"original: ONNX {ppl_onnx:.3f}, PyTorch {ppl_torch:.3f} "
