@@ -35,7 +35,7 @@ class DemoConfig:
     target_stages: int = 20
     max_increase: float = 0.10  # of the chosen runs together, on validation perplexity
     layers: list[int] | None = None  # attention to remove; None: the importance scan decides
-    spare: int = 2  # attention layers removed beyond the target, to give selection a choice
+    spare: int = 3  # attention layers removed beyond the target, to give selection a choice
 
 
 @dataclass

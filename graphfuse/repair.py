@@ -28,37 +28,57 @@ from tqdm import tqdm
 
 from graphfuse.errors import GraphfuseError
 
-LAMBDAS = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
+# Each λ costs a Cholesky solve and a validation loss (O(w³) and O(w²d)) per run. On SmolLM2
+# every choice so far fell in 0.01..3.
+LAMBDAS = (1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
 
 
 class RidgeAccumulator:
-    """Sums HᵀH, HᵀT, TᵀT in float64 over batches of (H [n, w], T [n, d])."""
+    """Sums HᵀH, HᵀT, TᵀT in float64 over batches of (H [n, w], T [n, d]).
+
+    HᵀH is symmetric: each batch adds only its upper triangle (BLAS syrk, half a GEMM's work),
+    and `gram` gives the whole matrix."""
 
     def __init__(self, width: int, out: int) -> None:
-        self.hth = np.zeros((width, width))
+        self._upper = np.zeros((width, width), order="F")  # syrk updates it in place
+        self._whole: np.ndarray | None = None
         self.hty = np.zeros((width, out))
         self.yty = 0.0
         self.rows = 0
 
     def add(self, h: np.ndarray, t: np.ndarray) -> None:
+        from scipy.linalg.blas import dsyrk
+
         h = h.reshape(-1, h.shape[-1]).astype(np.float64)
         t = t.reshape(-1, t.shape[-1]).astype(np.float64)
-        self.hth += h.T @ h
+        # hᵀ is Fortran-ordered without a copy; upper += hᵀ (hᵀ)ᵀ
+        self._upper = dsyrk(1.0, h.T, beta=1.0, c=self._upper, trans=0, lower=0,
+                            overwrite_c=True)  # fmt: skip
+        self._whole = None
         self.hty += h.T @ t
         self.yty += float(np.sum(t * t))
         self.rows += h.shape[0]
+
+    @property
+    def hth(self) -> np.ndarray:
+        """HᵀH, whole (not to be modified)."""
+        if self._whole is None:
+            upper = np.triu(self._upper)
+            self._whole = upper + np.triu(upper, 1).T
+        return self._whole
 
     def solve(self, prior: np.ndarray, lam: float) -> np.ndarray:
         """The ridge solution pulled towards ``prior`` with strength λ·s."""
         from scipy.linalg import LinAlgError, cho_factor, cho_solve
 
-        s = float(np.mean(np.diag(self.hth)))
-        a = self.hth + lam * s * np.eye(self.hth.shape[0])
+        hth = self.hth
+        s = float(np.mean(np.diag(hth)))
+        a = hth + lam * s * np.eye(hth.shape[0])  # a new array: hth stays as it is
         b = self.hty + lam * s * prior.astype(np.float64)
         try:  # HᵀH + λsI is symmetric positive definite for λ > 0: Cholesky, half LU's work
             return cho_solve(cho_factor(a, overwrite_a=True), b)
         except LinAlgError:  # not numerically positive definite: least squares instead
-            return np.linalg.lstsq(self.hth + lam * s * np.eye(len(a)), b, rcond=None)[0]
+            return np.linalg.lstsq(hth + lam * s * np.eye(len(hth)), b, rcond=None)[0]
 
     def loss(self, w: np.ndarray) -> float:
         """‖H W − T‖² / ‖T‖² over the accumulated rows."""
@@ -118,17 +138,26 @@ def repair_runs(
     fused, _ = graphfuse.fuse(model, runs)
     todo = [run for run in runs if run not in cache]
     if todo:
-        cache.update(_fit_runs(model, fused, todo, calibration, validation, lambdas, threads,
-                               progress))  # fmt: skip
+        wide = _wide_ffns(model, fused, todo)
+        cache.update(_fit_runs(model, wide, calibration, validation, lambdas, threads, progress))
     for a, b in runs:
         _replace(fused, f"graphfuse/ffn{a}-{b}/down_weight", cache[(a, b)][0])
     return fused, [cache[run][1] for run in runs]
 
 
+def _wide_ffns(
+    model: onnx.ModelProto, fused: onnx.ModelProto, runs: list[tuple[int, int]]
+) -> dict[tuple[int, int], _WideFfn]:
+    import graphfuse
+
+    found = graphfuse.inspect(model)
+    weights = {t.name: t for t in fused.graph.initializer if t.name.startswith("graphfuse/")}
+    return {(a, b): _WideFfn(weights, f"graphfuse/ffn{a}-{b}", found.blocks[a]) for a, b in runs}
+
+
 def _fit_runs(
     model: onnx.ModelProto,
-    fused: onnx.ModelProto,
-    runs: list[tuple[int, int]],
+    wide: dict[tuple[int, int], _WideFfn],
     calibration: list[dict[str, np.ndarray]],
     validation: list[dict[str, np.ndarray]],
     lambdas: Iterable[float],
@@ -143,27 +172,24 @@ def _fit_runs(
     from graphfuse.surgery import only_outputs
 
     found = graphfuse.inspect(model)
-    weights = {t.name: t for t in fused.graph.initializer if t.name.startswith("graphfuse/")}
-    ends = [(found.blocks[a], found.blocks[b]) for a, b in runs]
-    taps = list(dict.fromkeys(v for first, last in ends for v in (first.residual_in,
-                                                                  last.residual_out)))  # fmt: skip
+    runs = list(wide)
+    ends = [(found.blocks[a].residual_in, found.blocks[b].residual_out) for a, b in runs]
+    taps = list(dict.fromkeys(v for pair in ends for v in pair))
     sequential = session(only_outputs(model, taps), threads)
-    wide = [
-        _WideFfn(weights, f"graphfuse/ffn{a}-{b}", first)
-        for (a, b), (first, _) in zip(runs, ends, strict=True)
-    ]
     stats = []
     for part, feeds in (("calibration", calibration), ("validation", validation)):
-        accs = [RidgeAccumulator(w.down.shape[0], w.down.shape[1]) for w in wide]
+        accs = [RidgeAccumulator(*wide[run].down.shape) for run in runs]
         for feed in tqdm(feeds, desc=f"repair: {part}", disable=not progress):
             values = dict(zip(taps, sequential.run(taps, feed), strict=True))
-            for acc, w, (first, last) in zip(accs, wide, ends, strict=True):
-                x = values[first.residual_in].astype(np.float64)
-                t = values[last.residual_out] - x - w.down_bias
+            for acc, run, (x_name, y_name) in zip(accs, runs, ends, strict=True):
+                w = wide[run]
+                x = values[x_name].astype(np.float64)
+                t = values[y_name] - x - w.down_bias
                 acc.add(*_drop_first_position(w.hidden(x), t))
         stats.append(accs)
     fits = {}
-    for (a, b), w, cal, val in zip(runs, wide, *stats, strict=True):
+    for (a, b), cal, val in zip(runs, *stats, strict=True):
+        w = wide[(a, b)]
         fit_w, lam, errors = fit(cal, val, w.down, lambdas)
         fits[(a, b)] = (
             fit_w.astype(w.down.dtype),
