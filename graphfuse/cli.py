@@ -103,6 +103,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _fuse(args: argparse.Namespace) -> int:
     from graphfuse.api import fuse_file
 
+    args.repair = args.repair or args.repair_to is not None
     if args.runs == "auto" or args.repair:
         return _fuse_measured(args)
     report = fuse_file(
@@ -227,7 +228,13 @@ def _fuse_measured(args: argparse.Namespace) -> int:
     from graphfuse.analysis import dependency_matrix
 
     model = onnx_io.load(args.model)
-    out = onnx_io.check_output_path(args.output, [args.model.resolve()])
+    inputs = [args.model.resolve()]
+    reference = None
+    if args.repair_to is not None:
+        onnx_io.load(args.repair_to)  # checked like any input
+        inputs.append(args.repair_to.resolve())
+        reference = onnx.load(args.repair_to)
+    out = onnx_io.check_output_path(args.output, inputs)
     model = onnx.load(args.model)  # with its weights: sessions need them
     windows = method.windows(args.calib, method.tokenizer(args.tokenizer))
     found = api.inspect(model)
@@ -258,8 +265,9 @@ def _fuse_measured(args: argparse.Namespace) -> int:
         raise GraphfuseError("no run was selected: nothing to fuse")
     if args.repair:
         fused, repairs = method.fuse_and_repair(
-            model, runs, windows.calibration, windows.validation, args.threads, cache=fits
-        )
+            model, runs, windows.calibration, windows.validation, args.threads,
+            cache=fits if reference is None else None, reference=reference,
+        )  # fmt: skip
         result["repairs"] = [asdict(r) for r in repairs]
     else:
         fused, report = api.fuse(model, runs, pack=args.pack_gate_up)
@@ -335,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pack-gate-up", action="store_true", help="one MatMul + Split for gate and up")
     g = p.add_argument_group("measured choices (--runs auto) and repair")
     g.add_argument("--repair", action="store_true", help="refit fused down-projections (ridge)")
+    g.add_argument("--repair-to", type=Path, metavar="REFERENCE",
+                   help="--repair against the outputs of REFERENCE, the model before attention "
+                        "removal: the fused runs also heal the removal")  # fmt: skip
     g.add_argument("--target-stages", type=int, help="--runs auto: stop at this FFN depth")
     g.add_argument("--max-increase", type=float, default=0.1,
                    help="--runs auto: largest validation-perplexity increase of all fused runs "

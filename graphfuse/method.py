@@ -141,12 +141,14 @@ def fuse_and_repair(
     threads: int | None = None,
     progress: bool = True,
     cache: dict | None = None,
+    reference: onnx.ModelProto | None = None,
 ):
     """Fuse ``runs`` and refit each fused down-projection (see graphfuse.repair); ``cache``
-    keeps fits between calls on the same model and data."""
+    keeps fits between calls on the same model and data; ``reference`` (the model before
+    attention removal) makes the fit heal the removal too."""
     from graphfuse.repair import repair_runs
 
     return repair_runs(
         model, runs, feeds(calibration), feeds(validation), threads=threads, progress=progress,
-        cache=cache,
+        cache=cache, reference=reference,
     )  # fmt: skip

@@ -125,21 +125,37 @@ def repair_runs(
     threads: int | None = None,
     progress: bool = True,
     cache: dict[tuple[int, int], tuple[np.ndarray, RunRepair]] | None = None,
+    reference: onnx.ModelProto | None = None,
 ) -> tuple[onnx.ModelProto, list[RunRepair]]:
     """Fuse ``runs`` (block numbers of ``model``) and refit each fused down-projection.
 
     ``calibration`` and ``validation`` are lists of feed dicts for ``model`` (disjoint data).
     Each run is fitted on its own inputs and outputs in ``model``, so a fit does not depend on
     the other runs: ``cache`` (for one model and one set of data) keeps fits between calls.
+
+    ``reference``: take the inputs and outputs of the runs from this model instead, one with the
+    same FFN blocks, e.g. ``model`` before its attention was removed. The fused run then learns
+    to stand in for the removed attention too (healing).
     """
     import graphfuse
 
     cache = {} if cache is None else cache
+    if reference is not None:
+        ours, theirs = (
+            len(graphfuse.inspect(model).blocks),
+            len(graphfuse.inspect(reference).blocks),
+        )
+        if ours != theirs:
+            raise GraphfuseError(
+                f"the reference model has {theirs} FFN blocks and the model {ours}: pass the "
+                "model this one was made from (before attention removal)"
+            )
     fused, _ = graphfuse.fuse(model, runs)
     todo = [run for run in runs if run not in cache]
     if todo:
         wide = _wide_ffns(model, fused, todo)
-        cache.update(_fit_runs(model, wide, calibration, validation, lambdas, threads, progress))
+        source = model if reference is None else reference
+        cache.update(_fit_runs(source, wide, calibration, validation, lambdas, threads, progress))
     for a, b in runs:
         _replace(fused, f"graphfuse/ffn{a}-{b}/down_weight", cache[(a, b)][0])
     return fused, [cache[run][1] for run in runs]

@@ -127,3 +127,30 @@ def test_the_first_position_is_left_out_of_the_fit() -> None:
     b, _ = repair_runs(model.model, [(0, 2)], loud, validation, progress=False)
     wa, wb = ({t.name: t.raw_data for t in m.graph.initializer} for m in (a, b))
     assert wa["graphfuse/ffn0-2/down_weight"] == wb["graphfuse/ffn0-2/down_weight"]
+
+
+def test_repair_against_a_reference_model_fits_the_reference() -> None:
+    """With ``reference`` the targets come from that model (e.g. the one before attention was
+    removed): the repaired run moves towards the reference's output, not the model's."""
+    import pytest
+
+    from graphfuse.errors import GraphfuseError
+
+    model, other = build(32, [64] * 3, seed=8), build(32, [64] * 3, seed=9)
+    rng = np.random.default_rng(4)
+    calibration = [{"x": rng.standard_normal((4, 16, 32)).astype(np.float32)} for _ in range(8)]
+    validation = [{"x": rng.standard_normal((4, 16, 32)).astype(np.float32)} for _ in range(4)]
+    plain, _ = repair_runs(model.model, [(0, 2)], calibration, validation, progress=False)
+    healed, _ = repair_runs(model.model, [(0, 2)], calibration, validation, progress=False,
+                            reference=other.model)  # fmt: skip
+    x = rng.standard_normal((2, 16, 32)).astype(np.float32)
+
+    def run(m):
+        s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return s.run(None, {"x": x})[0]
+
+    target = reference(other, x)
+    assert np.linalg.norm(run(healed) - target) < 0.9 * np.linalg.norm(run(plain) - target)
+    with pytest.raises(GraphfuseError, match="FFN blocks"):
+        repair_runs(model.model, [(0, 2)], calibration, validation, progress=False,
+                    reference=build(32, [64] * 4, seed=9).model)  # fmt: skip

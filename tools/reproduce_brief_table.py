@@ -5,7 +5,8 @@ perplexity on 4 × 512 tokens of standard-library docstrings after each step.
     python tools/reproduce_brief_table.py [--runs 3-5,3-7,10-12,14-17,24-28] [--json out.json]
 
 Calibration (for the repair) uses 48 × 512 other tokens (`--calibration-windows`), each
-window's first token left out; λ is chosen on 4 × 512 validation tokens. The original model's ONNX perplexity is compared with PyTorch's on the same windows.
+window's first token left out; λ is chosen on 4 × 512 validation tokens. "healed" fits the
+fused run to the original model's run output instead (attention included). The original model's ONNX perplexity is compared with PyTorch's on the same windows.
 """
 
 from __future__ import annotations
@@ -83,15 +84,21 @@ def main() -> None:
         repaired, (fit,) = method.fuse_and_repair(
             removed, [(a, b)], windows.calibration, windows.validation, args.threads
         )
+        # Healing: the same fit against the original model's run output, attention included.
+        healed, (heal,) = method.fuse_and_repair(
+            removed, [(a, b)], windows.calibration, windows.validation, args.threads,
+            reference=original,
+        )  # fmt: skip
         ppl = [evaluate.perplexity(session(m, args.threads), windows.evaluation)
-               for m in (removed, fused, repaired)]  # fmt: skip
+               for m in (removed, fused, repaired, healed)]  # fmt: skip
         torch_removed = torch_perplexity(windows.evaluation, list(range(a + 1, b + 1)))
         row = {"run": spec, "attention_removed": ppl[0], "torch_attention_removed": torch_removed,
-               "fused": ppl[1], "repaired": ppl[2],
+               "fused": ppl[1], "repaired": ppl[2], "healed": ppl[3], "heal_lambda": heal.lam,
                "repaired_over_removed": ppl[2] / ppl[0], "lambda": fit.lam,
                "brief": BRIEF.get(spec), "repair": asdict(fit)}  # fmt: skip
         rows.append(row)
         print(f"run {spec:>6}: removed {ppl[0]:8.2f}  fused {ppl[1]:10.2f}  repaired {ppl[2]:8.2f}"
+              f"  healed {ppl[3]:8.2f}"
               f"  (+{ppl[2] / ppl[0] - 1:.1%} over removed, λ={fit.lam:g}; PyTorch removed "
               f"{torch_removed:.2f}, {abs(ppl[0] / torch_removed - 1):.2%} apart)"
               f"   brief: {BRIEF.get(spec)}", flush=True)  # fmt: skip
