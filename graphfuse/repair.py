@@ -19,14 +19,18 @@ pass over the data, each window's first token (the attention sink) left out.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from tqdm import tqdm
 
 from graphfuse.errors import GraphfuseError
+
+if TYPE_CHECKING:
+    from graphfuse.blocks import FfnBlock
 
 # Each λ costs a Cholesky solve and a validation loss (O(w³) and O(w²d)) per run. On SmolLM2
 # every choice so far fell in 0.01..3.
@@ -37,7 +41,7 @@ class RidgeAccumulator:
     """Sums HᵀH, HᵀT, TᵀT in float64 over batches of (H [n, w], T [n, d]).
 
     HᵀH is symmetric: each batch adds only its upper triangle (BLAS syrk, half a GEMM's work),
-    and `gram` gives the whole matrix."""
+    and `hth` gives the whole matrix."""
 
     def __init__(self, width: int, out: int) -> None:
         self._upper = np.zeros((width, width), order="F")  # syrk updates it in place
@@ -140,39 +144,30 @@ def repair_runs(
     import graphfuse
 
     cache = {} if cache is None else cache
+    blocks = graphfuse.inspect(model).blocks
+    source, source_blocks = model, blocks
     if reference is not None:
-        ours, theirs = (
-            len(graphfuse.inspect(model).blocks),
-            len(graphfuse.inspect(reference).blocks),
-        )
-        if ours != theirs:
+        source, source_blocks = reference, graphfuse.inspect(reference).blocks
+        if len(source_blocks) != len(blocks):
             raise GraphfuseError(
-                f"the reference model has {theirs} FFN blocks and the model {ours}: pass the "
-                "model this one was made from (before attention removal)"
+                f"the reference model has {len(source_blocks)} FFN blocks and the model "
+                f"{len(blocks)}: pass the model this one was made from (before attention removal)"
             )
     fused, _ = graphfuse.fuse(model, runs)
     todo = [run for run in runs if run not in cache]
     if todo:
-        wide = _wide_ffns(model, fused, todo)
-        source = model if reference is None else reference
-        cache.update(_fit_runs(source, wide, calibration, validation, lambdas, threads, progress))
+        weights = {t.name: t for t in fused.graph.initializer if t.name.startswith("graphfuse/")}
+        wide = {(a, b): _WideFfn(weights, f"graphfuse/ffn{a}-{b}", blocks[a]) for a, b in todo}
+        cache.update(_fit_runs(source, source_blocks, wide, calibration, validation, lambdas,
+                               threads, progress))  # fmt: skip
     for a, b in runs:
         _replace(fused, f"graphfuse/ffn{a}-{b}/down_weight", cache[(a, b)][0])
     return fused, [cache[run][1] for run in runs]
 
 
-def _wide_ffns(
-    model: onnx.ModelProto, fused: onnx.ModelProto, runs: list[tuple[int, int]]
-) -> dict[tuple[int, int], _WideFfn]:
-    import graphfuse
-
-    found = graphfuse.inspect(model)
-    weights = {t.name: t for t in fused.graph.initializer if t.name.startswith("graphfuse/")}
-    return {(a, b): _WideFfn(weights, f"graphfuse/ffn{a}-{b}", found.blocks[a]) for a, b in runs}
-
-
 def _fit_runs(
     model: onnx.ModelProto,
+    blocks: Sequence[FfnBlock],
     wide: dict[tuple[int, int], _WideFfn],
     calibration: list[dict[str, np.ndarray]],
     validation: list[dict[str, np.ndarray]],
@@ -180,16 +175,15 @@ def _fit_runs(
     threads: int | None,
     progress: bool,
 ) -> dict[tuple[int, int], tuple[np.ndarray, RunRepair]]:
-    """One pass of ONNX Runtime over each data set, on ``model`` cut down to the runs' inputs
-    X and sequential outputs Y, gives the targets; the fused hidden activations H are computed
-    from X with the fused weights (what the fused graph computes, in float64)."""
-    import graphfuse
+    """One pass of ONNX Runtime over each data set, on ``model`` (whose FFN blocks are
+    ``blocks``) cut down to the runs' inputs X and sequential outputs Y, gives the targets; the
+    fused hidden activations H are computed from X with the fused weights (what the fused graph
+    computes, in float64)."""
     from graphfuse.method import session
     from graphfuse.surgery import only_outputs
 
-    found = graphfuse.inspect(model)
     runs = list(wide)
-    ends = [(found.blocks[a].residual_in, found.blocks[b].residual_out) for a, b in runs]
+    ends = [(blocks[a].residual_in, blocks[b].residual_out) for a, b in runs]
     taps = list(dict.fromkeys(v for pair in ends for v in pair))
     sequential = session(only_outputs(model, taps), threads)
     stats = []
@@ -199,9 +193,8 @@ def _fit_runs(
             values = dict(zip(taps, sequential.run(taps, feed), strict=True))
             for acc, run, (x_name, y_name) in zip(accs, runs, ends, strict=True):
                 w = wide[run]
-                x = values[x_name].astype(np.float64)
-                t = values[y_name] - x - w.down_bias
-                acc.add(*_drop_first_position(w.hidden(x), t))
+                x, y = _drop_first_position(values[x_name].astype(np.float64), values[y_name])
+                acc.add(w.hidden(x), y - x - w.down_bias)
         stats.append(accs)
     fits = {}
     for (a, b), cal, val in zip(runs, *stats, strict=True):
@@ -221,7 +214,7 @@ def _fit_runs(
     return fits
 
 
-def _drop_first_position(h: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _drop_first_position(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Leave each window's first token out of the fit.
 
     The first token of a sequence is the attention sink: early FFN blocks write massive
@@ -229,9 +222,9 @@ def _drop_first_position(h: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.n
     than a third of the run's output energy (‖T‖²), so a plain fit spends its capacity on it
     and perplexity gets worse though the activation error falls; without it, perplexity
     improves (see the README, "run 10..12")."""
-    if h.ndim < 3 or h.shape[-2] < 2:
-        return h, t
-    return h[..., 1:, :], t[..., 1:, :]
+    if x.ndim < 3 or x.shape[-2] < 2:
+        return x, y
+    return x[..., 1:, :], y[..., 1:, :]
 
 
 class _WideFfn:

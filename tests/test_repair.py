@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 import graphfuse
+from graphfuse.errors import GraphfuseError
 from graphfuse.models.synthetic import build, reference
 from graphfuse.repair import RidgeAccumulator, fit, repair_runs
+
+
+def _feeds(rng: np.random.Generator, count: int, batch: int) -> list[dict[str, np.ndarray]]:
+    """``count`` feeds of ``batch`` windows of 16 positions of the synthetic models' input x."""
+    return [{"x": rng.standard_normal((batch, 16, 32)).astype(np.float32)} for _ in range(count)]
 
 
 def _data(seed: int, n: int = 600, w: int = 12, d: int = 5):
@@ -72,8 +79,8 @@ def test_large_lambda_keeps_the_prior_when_data_is_noise() -> None:
 def test_repair_of_fused_runs_moves_towards_the_sequential_model() -> None:
     model = build(32, [64] * 6, seed=3)
     rng = np.random.default_rng(0)
-    calibration = [{"x": rng.standard_normal((4, 16, 32)).astype(np.float32)} for _ in range(8)]
-    validation = [{"x": rng.standard_normal((4, 16, 32)).astype(np.float32)} for _ in range(4)]
+    calibration = _feeds(rng, 8, 4)
+    validation = _feeds(rng, 4, 4)
     repaired, results = repair_runs(model.model, [(0, 2), (3, 5)], calibration, validation,
                                     progress=False)  # fmt: skip
     assert [r.run for r in results] == ["0-2", "3-5"]
@@ -100,8 +107,8 @@ def test_repair_of_fused_runs_moves_towards_the_sequential_model() -> None:
 def test_cached_fits_are_reused_and_equal_fresh_ones() -> None:
     model = build(32, [64] * 6, seed=5)
     rng = np.random.default_rng(1)
-    calibration = [{"x": rng.standard_normal((2, 16, 32)).astype(np.float32)} for _ in range(4)]
-    validation = [{"x": rng.standard_normal((2, 16, 32)).astype(np.float32)} for _ in range(2)]
+    calibration = _feeds(rng, 4, 2)
+    validation = _feeds(rng, 2, 2)
     cache: dict = {}
     _, first = repair_runs(model.model, [(0, 2)], calibration, validation, progress=False,
                            cache=cache)  # fmt: skip
@@ -118,8 +125,8 @@ def test_the_first_position_is_left_out_of_the_fit() -> None:
     steer the fit: with it made 1000× larger the fitted weights do not change."""
     model = build(32, [64] * 3, seed=6)
     rng = np.random.default_rng(2)
-    calibration = [{"x": rng.standard_normal((2, 16, 32)).astype(np.float32)} for _ in range(4)]
-    validation = [{"x": rng.standard_normal((2, 16, 32)).astype(np.float32)} for _ in range(2)]
+    calibration = _feeds(rng, 4, 2)
+    validation = _feeds(rng, 2, 2)
     loud = [{"x": f["x"].copy()} for f in calibration]
     for f in loud:
         f["x"][:, 0] *= 1000.0
@@ -132,14 +139,10 @@ def test_the_first_position_is_left_out_of_the_fit() -> None:
 def test_repair_against_a_reference_model_fits_the_reference() -> None:
     """With ``reference`` the targets come from that model (e.g. the one before attention was
     removed): the repaired run moves towards the reference's output, not the model's."""
-    import pytest
-
-    from graphfuse.errors import GraphfuseError
-
     model, other = build(32, [64] * 3, seed=8), build(32, [64] * 3, seed=9)
     rng = np.random.default_rng(4)
-    calibration = [{"x": rng.standard_normal((4, 16, 32)).astype(np.float32)} for _ in range(8)]
-    validation = [{"x": rng.standard_normal((4, 16, 32)).astype(np.float32)} for _ in range(4)]
+    calibration = _feeds(rng, 8, 4)
+    validation = _feeds(rng, 4, 4)
     plain, _ = repair_runs(model.model, [(0, 2)], calibration, validation, progress=False)
     healed, _ = repair_runs(model.model, [(0, 2)], calibration, validation, progress=False,
                             reference=other.model)  # fmt: skip

@@ -6,7 +6,8 @@ perplexity on 4 × 512 tokens of standard-library docstrings after each step.
 
 Calibration (for the repair) uses 48 × 512 other tokens (`--calibration-windows`), each
 window's first token left out; λ is chosen on 4 × 512 validation tokens. "healed" fits the
-fused run to the original model's run output instead (attention included). The original model's ONNX perplexity is compared with PyTorch's on the same windows.
+fused run to the original model's run output instead (attention included). The original
+model's ONNX perplexity is compared with PyTorch's on the same windows.
 """
 
 from __future__ import annotations
