@@ -218,10 +218,10 @@ def _drop_first_position(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.n
     """Leave each window's first token out of the fit.
 
     The first token of a sequence is the attention sink: early FFN blocks write massive
-    activations into its residual stream. In SmolLM2's run 10..12 that one token carries more
-    than a third of the run's output energy (‖T‖²), so a plain fit spends its capacity on it
-    and perplexity gets worse though the activation error falls; without it, perplexity
-    improves (see the README, "run 10..12")."""
+    activations into its residual stream. In SmolLM2's run 10..12 that one token's output
+    dwarfs every other token's, so a plain fit spends its capacity on it and perplexity gets
+    worse though the activation error falls; without it, perplexity improves (see the README,
+    "run 10..12")."""
     if x.ndim < 3 or x.shape[-2] < 2:
         return x, y
     return x[..., 1:, :], y[..., 1:, :]
