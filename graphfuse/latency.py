@@ -355,7 +355,7 @@ def _ort_runner(
 def _trt_runner(
     onnx_path: Path, feeds: Mapping[str, np.ndarray], engine_dir: Path, label: str, s: Scenario
 ) -> Runner:
-    from graphfuse.tensorrt import EngineRunner, ShapeProfile, build_engine
+    from graphfuse.tensorrt import ShapeProfile, bind_engine, build_engine
 
     engine_path = engine_dir / f"{label}-{s.name}.plan"
     shapes = {name: tuple(value.shape) for name, value in feeds.items()}
@@ -365,9 +365,7 @@ def _trt_runner(
         profiles=[ShapeProfile.static(shapes)],
         timing_cache=engine_dir / "timing.cache",
     )
-    runner = EngineRunner(engine_path)
-    runner.set_inputs(feeds)
-    return runner.run_once
+    return bind_engine(engine_path, feeds)  # feeds on the device once: a run is enqueue + sync
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,30 +1,39 @@
-"""Build and time native TensorRT engines from ONNX files, in the spirit of trtexec / Polygraphy.
+"""Build, run and time TensorRT engines from ONNX files on Polygraphy's loaders.
 
-    ONNX file (+ external data) --OnnxParser.parse_from_file--> INetworkDefinition
-        --IBuilderConfig (profiles, workspace, timing cache, verbosity)--> serialized engine
-        --written atomically--> engine file (+ timing cache, + layer information as JSON)
+    engine_loader(onnx, ...)
+      EngineFromNetwork(save_timing_cache)               build; merge the timing cache back
+      |-- PostprocessNetwork(check_shapes)               graphfuse: shapes for dynamic inputs
+      |   `-- NetworkFromOnnxPath(onnx, strongly_typed)  parse_from_file: external data beside
+      `-- CreateConfig(profiles=[Profile().add(input, min, opt, max)], tf32, fp16/bf16,
+                       memory_pool_limits={WORKSPACE: MiB}, load_timing_cache)
+    build_engine   SaveEngine(engine_loader(...), temporary file) --rename--> engine file
+                   engine --IEngineInspector--> layer information (JSON)
+    run_engine     TrtRunner(EngineFromPath(engine file)).infer(feeds)
+    bind_engine    EngineFromPath, torch.cuda buffers bound once: a run is enqueue + sync
+                   (time_engine, and graphfuse.latency's "trt" backend)
 
-TensorRT is imported inside the functions that need it, so this module imports (and the rest of
-graphfuse works) where TensorRT is absent; `probe()` says in one line what is missing.
-
-TensorRT 10 vs 11 (only calls documented in both are made; the rest is probed with hasattr):
-- Networks are strongly typed by default in 11, where NetworkDefinitionCreationFlag.STRONGLY_TYPED
-  is deprecated and ignored; on 10 the flag is set when `strongly_typed=True` (the default).
-- BuilderFlag.FP16 / BuilderFlag.BF16 exist only in 10 and only act on weakly typed networks. On
-  11 precision comes from the ONNX tensor types: convert the model first (`graphfuse.convert`).
-- The inspector's JSON lists "Bindings" in 10 and "I/O Tensors" in 11; it is written verbatim.
-
-Engines run with torch.cuda device buffers and one CUDA stream (torch imported lazily).
+Polygraphy imports TensorRT lazily, so this module imports where TensorRT is absent. graphfuse
+keeps: `probe()`, one line naming what is missing; the refusal of a dynamic input without shapes
+(Polygraphy would build for 1s); atomic writes; each Polygraphy failure as a one-line
+GraphfuseError; and TensorRT 10 vs 11. Networks are always strongly typed in 11, where the
+STRONGLY_TYPED flag is deprecated and ignored, so it is set on 10 only. BuilderFlag.FP16/BF16
+exist only in 10 and act only on weakly typed networks; on 11 precision comes from the ONNX
+tensor types (`graphfuse.convert` first). TF32 stays allowed, TensorRT's and trtexec's default
+(Polygraphy would clear it). The inspector's JSON ("Bindings" in 10, "I/O Tensors" in 11) is
+written verbatim.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import logging
 import os
+import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -36,12 +45,14 @@ from graphfuse.errors import GraphfuseError
 if TYPE_CHECKING:
     import tensorrt as trt
     import torch
+    from polygraphy.backend.trt import EngineFromNetwork, Profile
 
 Shape = tuple[int, ...]
 
 NO_TENSORRT = "TensorRT is not installed"
 NO_LIBNVINFER = "TensorRT bindings present but libnvinfer missing"
 NO_GPU = "no CUDA device"
+NO_POLYGRAPHY = "Polygraphy is not installed"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,36 +80,30 @@ def _load_tensorrt() -> str:
     not be taken for it: the namespace package that type stubs (tensorrt-stubs) leave behind,
     which has no `Builder`, and the bindings wheel alone, which cannot load libnvinfer.
     """
-    try:
-        import tensorrt as module
-
-        usable = hasattr(module, "Builder")
-    except ModuleNotFoundError as exc:
-        if exc.name != "tensorrt":
-            raise _Unavailable(f"{NO_LIBNVINFER} ({exc})") from exc
-        usable = False
-    except (ImportError, OSError) as exc:
-        raise _Unavailable(f"{NO_LIBNVINFER} ({exc})") from exc
-    if not usable:
+    stubs = False
+    for name in ("tensorrt", "tensorrt_bindings"):
         try:
-            import tensorrt_bindings
+            module = __import__(name)
         except ModuleNotFoundError as exc:
-            if exc.name != "tensorrt_bindings":
-                raise _Unavailable(f"{NO_LIBNVINFER} ({exc})") from exc
-            raise _Unavailable(
-                f"{NO_TENSORRT} (install TensorRT 10 or 11 with its libraries on a machine with "
-                "an NVIDIA GPU)"
-            ) from exc
+            if exc.name == name:
+                continue
+            raise _Unavailable(f"{NO_LIBNVINFER} ({exc})") from exc
         except (ImportError, OSError) as exc:
             raise _Unavailable(f"{NO_LIBNVINFER} ({exc})") from exc
-        if not hasattr(tensorrt_bindings, "Builder"):  # type stubs alone: a namespace package
+        if hasattr(module, "Builder"):
+            # Bindings without the `tensorrt` wrapper (system libnvinfer + bindings wheel):
+            # register them under the name graphfuse and Polygraphy import, as the wrapper would.
+            sys.modules["tensorrt"] = module
+            break
+        stubs = True  # type stubs alone: a namespace package
+    else:
+        if stubs:
             raise _Unavailable(f"{NO_TENSORRT} (only type stubs are installed)")
-        # Working bindings without the `tensorrt` wrapper (system libnvinfer + bindings wheel):
-        # register them under the name this module imports, as the wrapper itself would.
-        sys.modules["tensorrt"] = tensorrt_bindings
-    import tensorrt
-
-    version = str(getattr(tensorrt, "__version__", "0"))
+        raise _Unavailable(
+            f"{NO_TENSORRT} (install TensorRT 10 or 11 with its libraries on a machine with an "
+            "NVIDIA GPU)"
+        )
+    version = str(getattr(module, "__version__", "0"))
     if _major_minor(version)[0] < 10:
         raise _Unavailable(f"TensorRT {version} is too old: graphfuse needs TensorRT 10 or 11")
     return version
@@ -109,65 +114,88 @@ def _major_minor(version: str) -> tuple[int, int]:
     return parts[0], parts[1] if len(parts) > 1 else 0
 
 
-class _LogSink:
-    """A TensorRT logger (`.logger`) that also keeps the error messages for one-line reports."""
-
-    def __init__(self, verbose: bool = False) -> None:
-        import tensorrt as trt
-
-        self.errors: list[str] = []
-        self.verbose = verbose
-        sink = self
-
-        class Logger(trt.ILogger):
-            def __init__(self) -> None:
-                trt.ILogger.__init__(self)
-
-            def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
-                errors = (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR)
-                if severity in errors:
-                    sink.errors.append(msg)
-                if sink.verbose or severity in (*errors, trt.ILogger.Severity.WARNING):
-                    print(f"[TensorRT] {msg}", file=sys.stderr)
-
-        self.logger: trt.ILogger = Logger()
-
-    def last_error(self, default: str = "no error message") -> str:
-        return self.errors[-1] if self.errors else default
-
-
-def _create_builder(log: _LogSink) -> trt.Builder:
-    """trt.Builder, or _Unavailable("no CUDA device ...") when it cannot start."""
+def _start_builder() -> None:
+    """Create and drop a trt.Builder, the step that fails without a usable GPU."""
     import tensorrt as trt
 
+    errors: list[str] = []
+
+    # Not Polygraphy's TensorRT logger: its lazy `tensorrt` binds to the first module it sees,
+    # while the probe must judge whatever `import tensorrt` gives now.
+    class Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                errors.append(msg)
+
     try:
-        builder = trt.Builder(log.logger)
+        builder = trt.Builder(Logger())
     except Exception as exc:  # without a GPU pybind raises "... factory function returned nullptr"
-        detail = "; ".join(log.errors) or str(exc)
-        raise _Unavailable(f"{NO_GPU} ({detail})") from exc
+        raise _Unavailable(f"{NO_GPU} ({'; '.join(errors) or exc})") from exc
     if builder is None:  # defensive: older bindings returned None instead of raising
-        raise _Unavailable(f"{NO_GPU} ({'; '.join(log.errors) or 'trt.Builder failed'})")
-    return builder
+        raise _Unavailable(f"{NO_GPU} ({'; '.join(errors) or 'trt.Builder failed'})")
 
 
 def probe() -> TensorRTStatus:
     """Say whether TensorRT engines can be built here and, if not, the one thing missing."""
     try:
         version = _load_tensorrt()
-        _create_builder(_LogSink())
+        _start_builder()
+        if importlib.util.find_spec("polygraphy") is None:
+            raise _Unavailable(f"{NO_POLYGRAPHY} (pip install 'polygraphy>=0.49')")
     except _Unavailable as exc:
         return TensorRTStatus(False, str(exc))
     return TensorRTStatus(True, f"TensorRT {version} with a CUDA device", version)
 
 
-def _require_tensorrt(verbose: bool = False) -> tuple[trt.Builder, _LogSink, str]:
+def _require() -> str:
+    """TensorRT's version, or GraphfuseError with probe()'s one-line reason."""
+    status = probe()
+    if not status.available:
+        raise GraphfuseError(status.message)
+    return str(status.version)
+
+
+@contextlib.contextmanager
+def _polygraphy(failure: str, verbose: bool = False) -> Iterator[None]:
+    """Run Polygraphy; a PolygraphyException becomes GraphfuseError(f"{failure}: {reason}").
+
+    Meanwhile Polygraphy's log (TensorRT's passes through it) goes through Python's logging to
+    stderr (warnings and errors, or everything if `verbose`); the reason is the first error
+    logged (the parser's or builder's complaint), else the exception's message.
+    """
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
+    errors: list[str] = []
+
+    class Sink(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage()
+            if record.levelno >= logging.ERROR:
+                errors.append(" ".join(re.sub(r"^\[.\] ", "", text).split()))
+            if record.levelno < logging.CRITICAL:  # the critical message is raised instead
+                print(text, file=sys.stderr)
+
+    logger, sink = logging.getLogger("Polygraphy"), Sink()
+    saved = (G_LOGGER.use_python_logging_system, G_LOGGER.colors, logger.level, logger.propagate)
+    G_LOGGER.use_python_logging_system, G_LOGGER.colors, logger.propagate = True, False, False
+    logger.setLevel(1)
+    logger.addHandler(sink)
     try:
-        version = _load_tensorrt()
-        log = _LogSink(verbose)
-        builder = _create_builder(log)
-    except _Unavailable as exc:
-        raise GraphfuseError(str(exc)) from None
-    return builder, log, version
+        with G_LOGGER.verbosity(G_LOGGER.EXTRA_VERBOSE if verbose else G_LOGGER.WARNING):
+            yield
+    except PolygraphyException as exc:
+        reason = errors[0] if errors else " ".join(str(exc).split())
+        if "parse ONNX" in str(exc):  # Polygraphy's words when TensorRT's parser gives up
+            reason += "; `graphfuse check --target tensorrt` lists what the parser cannot take"
+        raise GraphfuseError(f"{failure}: {reason}") from None
+    finally:
+        logger.removeHandler(sink)
+        G_LOGGER.use_python_logging_system, G_LOGGER.colors, level, logger.propagate = saved
+        logger.setLevel(level)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,6 +268,33 @@ class ShapeProfile:
                     f"{_fmt(lo)} / {_fmt(mid)} / {_fmt(hi)}"
                 )
 
+    def to_polygraphy(self) -> Profile:
+        from polygraphy.backend.trt import Profile
+
+        profile = Profile()
+        for name in self.min:
+            profile.add(name, min=self.min[name], opt=self.opt[name], max=self.max[name])
+        return profile
+
+
+def check_profiles(inputs: Mapping[str, Shape], profiles: Sequence[ShapeProfile]) -> None:
+    """Refuse profiles that leave a dynamic input (a -1 in `inputs`) without shapes.
+
+    Polygraphy would fill such an input with 1s; what it and TensorRT refuse themselves (a name
+    that is no input, a shape that does not fit) reaches the one-line reason from there.
+    """
+    dynamic = [name for name, shape in inputs.items() if any(d < 0 for d in shape)]
+    if dynamic and not profiles:
+        listed = ", ".join(f"{name}:{_fmt(inputs[name])}" for name in dynamic)
+        raise GraphfuseError(
+            f"the model has dynamic inputs ({listed}): give their shapes "
+            "(--shapes, or --minShapes/--optShapes/--maxShapes)"
+        )
+    for index, profile in enumerate(profiles):
+        missing = [name for name in dynamic if name not in profile.min]
+        if missing:
+            raise GraphfuseError(f"profile {index}: no shape given for dynamic inputs {missing}")
+
 
 # ----------------------------------------------------------------------------------------------
 # Building
@@ -249,7 +304,7 @@ class ShapeProfile:
 @dataclass(frozen=True)
 class BuildResult:
     engine_path: Path
-    build_seconds: float
+    build_seconds: float  # the whole chain: parse, build, save
     tensorrt_version: str
     strongly_typed: bool
     input_shapes: dict[str, Shape] = field(default_factory=dict)  # as declared; -1 = dynamic
@@ -280,78 +335,55 @@ def write_atomic(path: str | Path, data: bytes | memoryview | str) -> None:
         handle.write(data.encode() if isinstance(data, str) else data)
 
 
-def _parse_onnx(network: trt.INetworkDefinition, log: _LogSink, onnx_path: Path) -> None:
-    import tensorrt as trt
+def engine_loader(
+    onnx_path: str | Path,
+    *,
+    tensorrt_version: str,
+    profiles: Sequence[ShapeProfile] = (),
+    workspace_mib: int | None = None,
+    timing_cache: str | Path | None = None,
+    strongly_typed: bool = True,
+    fp16: bool = False,
+    bf16: bool = False,
+) -> EngineFromNetwork:
+    """Polygraphy's chain from `onnx_path` to an engine (the picture above), not yet called.
 
-    # parse_from_file, not parse(bytes): external data then resolves beside the model file.
-    parser = trt.OnnxParser(network, log.logger)
-    if parser.parse_from_file(str(onnx_path)):
-        return
-    problems = []
-    for i in range(parser.num_errors):
-        error = parser.get_error(i)
-        op = error.node_operator()
-        where = f"node {error.node_name() or error.node()} ({op}): " if op else ""
-        problems.append(f"{where}{error.desc()}")
-    detail = problems[0] if problems else log.last_error()
-    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-    raise GraphfuseError(
-        f"TensorRT's ONNX parser rejected {onnx_path.name}: {detail}{more}; "
-        "`graphfuse check --target tensorrt` lists what the parser cannot take"
-    )
+    Composing it needs no TensorRT (but `workspace_mib` names trt.MemoryPoolType.WORKSPACE);
+    calling it needs TensorRT and a GPU. The timing cache is read if the file exists and merged
+    back after the build under Polygraphy's lock file. Arguments as for `build_engine`.
+    """
+    from polygraphy.backend import trt as poly
 
-
-def _network_inputs(network: trt.INetworkDefinition) -> dict[str, Shape]:
-    inputs = (network.get_input(i) for i in range(network.num_inputs))
-    return {tensor.name: _shape(tensor.shape) for tensor in inputs}
-
-
-def _add_profiles(
-    builder: trt.Builder,
-    config: trt.IBuilderConfig,
-    inputs: Mapping[str, Shape],
-    profiles: Sequence[ShapeProfile],
-) -> None:
-    import tensorrt as trt
-
-    dynamic = {name: shape for name, shape in inputs.items() if any(d < 0 for d in shape)}
-    if dynamic and not profiles:
-        listed = ", ".join(f"{name}:{_fmt(shape)}" for name, shape in dynamic.items())
-        raise GraphfuseError(
-            f"the model has dynamic inputs ({listed}): give their shapes "
-            "(--shapes, or --minShapes/--optShapes/--maxShapes)"
-        )
-    for index, prof in enumerate(profiles):
-        unknown = sorted(set(prof.min) - set(inputs))
-        if unknown:
+    major, _ = _major_minor(tensorrt_version)
+    for wanted, flag in ((fp16, "FP16"), (bf16, "BF16")):
+        if wanted and major >= 11:
             raise GraphfuseError(
-                f"profile {index}: {unknown} are not inputs of the network "
-                f"(its inputs: {sorted(inputs)})"
+                f"TensorRT {tensorrt_version} has no BuilderFlag.{flag}: precision comes from the "
+                "ONNX tensor types; convert the model with graphfuse.convert first"
             )
-        missing = sorted(set(dynamic) - set(prof.min))
-        if missing:
-            raise GraphfuseError(f"profile {index}: no shape given for dynamic inputs {missing}")
-        profile = builder.create_optimization_profile()
-        for name in prof.min:
-            declared = inputs[name]
-            bounds = {"min": prof.min[name], "opt": prof.opt[name], "max": prof.max[name]}
-            for label, shape in bounds.items():
-                fits = len(shape) == len(declared) and all(
-                    d < 0 or d == s for d, s in zip(declared, shape, strict=True)
-                )
-                if not fits:
-                    raise GraphfuseError(
-                        f"profile {index}: {label} shape {_fmt(shape)} of {name!r} does not fit "
-                        f"its declared shape {_fmt(declared)}"
-                    )
-            profile.set_shape(
-                name,
-                trt.Dims(list(prof.min[name])),
-                trt.Dims(list(prof.opt[name])),
-                trt.Dims(list(prof.max[name])),
-            )
-        if config.add_optimization_profile(profile) < 0:
-            raise GraphfuseError(f"TensorRT refused optimisation profile {index}")
+    limits = None
+    if workspace_mib is not None:
+        import tensorrt as trt
+
+        limits = {trt.MemoryPoolType.WORKSPACE: workspace_mib << 20}
+    cache = str(timing_cache) if timing_cache is not None else None
+
+    def check_shapes(network: trt.INetworkDefinition) -> None:
+        tensors = (network.get_input(i) for i in range(network.num_inputs))
+        check_profiles({tensor.name: _shape(tensor.shape) for tensor in tensors}, profiles)
+
+    # TensorRT 11 networks are always strongly typed; there the flag is deprecated and ignored.
+    parse = poly.NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed and major < 11)
+    config = poly.CreateConfig(
+        profiles=[profile.to_polygraphy() for profile in profiles] or None,
+        tf32=True,
+        fp16=fp16,
+        bf16=bf16,
+        memory_pool_limits=limits,
+        load_timing_cache=cache if cache is not None and Path(cache).is_file() else None,
+    )
+    network = poly.PostprocessNetwork(parse, check_shapes)
+    return poly.EngineFromNetwork(network, config=config, save_timing_cache=cache)
 
 
 def build_engine(
@@ -371,10 +403,11 @@ def build_engine(
 
     - `profiles`: one ShapeProfile per optimisation profile; each covers every dynamic input.
     - `workspace_mib`: limit of the workspace memory pool (MemoryPoolType.WORKSPACE).
-    - `timing_cache`: read if the file exists, written back (atomically) after the build.
+    - `timing_cache`: read if the file exists, then updated with this build's timings.
     - `layer_info`: write the engine inspector's layer information (JSON) there.
     - `strongly_typed`: precision follows the ONNX tensor types (always so on TensorRT 11).
     - `fp16` / `bf16`: TensorRT 10 builder flags for weakly typed networks only.
+    - `verbose`: print TensorRT's and Polygraphy's whole log (else warnings and errors).
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.is_file():
@@ -387,65 +420,39 @@ def build_engine(
     if workspace_mib is not None and workspace_mib <= 0:
         raise GraphfuseError(f"the workspace must be a positive number of MiB, got {workspace_mib}")
 
-    builder, log, version = _require_tensorrt(verbose)
-    import tensorrt as trt  # importable now: _require_tensorrt checked (and aliased) it
-
-    major, _ = _major_minor(version)
-
-    flags = 0
-    if major < 11 and strongly_typed:
-        if not hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-            raise GraphfuseError(f"TensorRT {version} has no strongly typed networks: upgrade")
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    _parse_onnx(network, log, onnx_path)
-
-    config = builder.create_builder_config()
-    if workspace_mib is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
-    for wanted, flag_name in ((fp16, "FP16"), (bf16, "BF16")):
-        if wanted:
-            if major >= 11 or not hasattr(trt.BuilderFlag, flag_name):
-                raise GraphfuseError(
-                    f"TensorRT {version} has no BuilderFlag.{flag_name}: precision comes from the "
-                    "ONNX tensor types; convert the model with graphfuse.convert first"
-                )
-            config.set_flag(getattr(trt.BuilderFlag, flag_name))
-
-    inputs = _network_inputs(network)
-    _add_profiles(builder, config, inputs, profiles)
+    version = _require()
+    import tensorrt as trt
+    from polygraphy.backend.trt import SaveEngine
 
     cache_path = Path(timing_cache) if timing_cache is not None else None
-    if cache_path is not None:
-        blob = cache_path.read_bytes() if cache_path.is_file() else b""
-        if not config.set_timing_cache(config.create_timing_cache(blob), False):
-            raise GraphfuseError(f"TensorRT could not use the timing cache {cache_path}")
     info_path = Path(layer_info) if layer_info is not None else None
-    if info_path is not None:
-        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-
-    start = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    seconds = time.perf_counter() - start
-    if serialized is None:
-        raise GraphfuseError(
-            f"TensorRT could not build an engine from {onnx_path.name}: {log.last_error()}"
+    with _polygraphy(f"TensorRT could not build an engine from {onnx_path.name}", verbose):
+        loader = engine_loader(
+            onnx_path,
+            tensorrt_version=version,
+            profiles=profiles,
+            workspace_mib=workspace_mib,
+            timing_cache=cache_path,
+            strongly_typed=strongly_typed,
+            fp16=fp16,
+            bf16=bf16,
         )
-    write_atomic(engine_path, memoryview(serialized))
+        start = time.perf_counter()
+        with _atomic_writer(engine_path) as handle:
+            engine: trt.ICudaEngine = SaveEngine(loader, handle)()
+        seconds = time.perf_counter() - start
 
-    if cache_path is not None:
-        write_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
     if info_path is not None:
-        engine = trt.Runtime(log.logger).deserialize_cuda_engine(serialized)
         inspector = engine.create_engine_inspector()
         write_atomic(info_path, inspector.get_engine_information(trt.LayerInformationFormat.JSON))
-
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
     return BuildResult(
         engine_path=engine_path,
         build_seconds=seconds,
         tensorrt_version=version,
-        strongly_typed=major >= 11 or strongly_typed,
-        input_shapes=inputs,
+        strongly_typed=_major_minor(version)[0] >= 11 or strongly_typed,
+        input_shapes={name: _shape(engine.get_tensor_shape(name)) for name in inputs},
         timing_cache=cache_path,
         layer_info=info_path,
     )
@@ -456,108 +463,106 @@ def build_engine(
 # ----------------------------------------------------------------------------------------------
 
 
-class EngineRunner:
-    """Run a serialized engine with torch.cuda buffers on one CUDA stream.
+def _check_feeds(expected: Iterable[str], feeds: Mapping[str, np.ndarray]) -> None:
+    missing, extra = sorted(set(expected) - set(feeds)), sorted(set(feeds) - set(expected))
+    if missing or extra:
+        raise GraphfuseError(
+            f"feeds do not match the engine's inputs: missing {missing}, unexpected {extra}"
+        )
 
-    `set_inputs` copies the feeds to the device once; `run_once` enqueues and waits, so a host
-    timer around it measures one inference; `outputs` copies the results back.
-    """
 
-    def __init__(self, engine_path: str | Path) -> None:
-        path = Path(engine_path)
-        if not path.is_file():
-            raise GraphfuseError(f"engine file not found: {path}")
-        try:
-            _load_tensorrt()
-        except _Unavailable as exc:
-            raise GraphfuseError(str(exc)) from None
-        import tensorrt as trt
-        import torch
+def _to_torch(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    import torch
 
-        if not torch.cuda.is_available():
-            raise GraphfuseError(f"{NO_GPU}: torch.cuda cannot hold the engine's buffers")
-        self._log = _LogSink()
-        self._runtime = trt.Runtime(self._log.logger)
-        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
-        if engine is None:
-            raise GraphfuseError(f"TensorRT could not load {path.name}: {self._log.last_error()}")
-        self._engine = engine
-        self._context = engine.create_execution_context()
-        self._stream = torch.cuda.Stream()
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.output_names = [n for n in names if n not in self.input_names]
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def _torch_dtype(self, name: str) -> torch.dtype:
-        import tensorrt as trt
-        import torch
-
-        table = {
-            trt.DataType.FLOAT: torch.float32,
-            trt.DataType.HALF: torch.float16,
-            trt.DataType.BF16: torch.bfloat16,
-            trt.DataType.INT32: torch.int32,
-            trt.DataType.INT64: torch.int64,
-            trt.DataType.INT8: torch.int8,
-            trt.DataType.UINT8: torch.uint8,
-            trt.DataType.BOOL: torch.bool,
-        }
-        dtype = self._engine.get_tensor_dtype(name)
-        if dtype not in table:
-            raise GraphfuseError(f"tensor {name!r} has type {dtype}, which graphfuse cannot bind")
-        return table[dtype]
-
-    def set_inputs(self, feeds: Mapping[str, np.ndarray]) -> None:
-        import torch
-
-        missing = sorted(set(self.input_names) - set(feeds))
-        extra = sorted(set(feeds) - set(self.input_names))
-        if missing or extra:
-            raise GraphfuseError(
-                f"feeds do not match the engine's inputs: missing {missing}, unexpected {extra}"
-            )
-        self._buffers.clear()
-        for name in self.input_names:
-            array = np.ascontiguousarray(feeds[name])
-            if array.dtype.name == "bfloat16":  # ml_dtypes arrays: torch cannot wrap them
-                array = array.astype(np.float32)
-            if not self._context.set_input_shape(name, tuple(array.shape)):
-                raise GraphfuseError(
-                    f"input {name!r}: shape {_fmt(array.shape)} is outside the engine's profile"
-                )
-            tensor = torch.from_numpy(array).to(device="cuda", dtype=self._torch_dtype(name))
-            self._buffers[name] = tensor
-            self._context.set_tensor_address(name, tensor.data_ptr())
-        for name in self.output_names:
-            shape = _shape(self._context.get_tensor_shape(name))
-            tensor = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
-            self._buffers[name] = tensor
-            self._context.set_tensor_address(name, tensor.data_ptr())
-
-    def run_once(self) -> None:
-        if not self._context.execute_async_v3(self._stream.cuda_stream):
-            raise GraphfuseError("TensorRT could not enqueue the engine (execute_async_v3 failed)")
-        self._stream.synchronize()
-
-    def outputs(self) -> dict[str, np.ndarray]:
-        import torch
-
-        result = {}
-        for name in self.output_names:
-            tensor = self._buffers[name]
-            if tensor.dtype == torch.bfloat16:
-                tensor = tensor.float()
-            result[name] = tensor.cpu().numpy()
-        return result
+    array = np.ascontiguousarray(array)
+    if array.dtype.name == "bfloat16":  # ml_dtypes arrays: torch cannot wrap them
+        array = array.astype(np.float32)
+    return torch.from_numpy(array).to(dtype)
 
 
 def run_engine(engine_path: str | Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run an engine once on `feeds` and return its outputs."""
-    runner = EngineRunner(engine_path)
-    runner.set_inputs(feeds)
-    runner.run_once()
-    return runner.outputs()
+    """Run an engine once on `feeds` with Polygraphy's TrtRunner and return its outputs.
+
+    Feeds go in as torch tensors of the engine's input types, so bf16 works both ways.
+    """
+    path = Path(engine_path)
+    if not path.is_file():
+        raise GraphfuseError(f"engine file not found: {path}")
+    _require()
+    import torch
+    from polygraphy.backend.trt import EngineFromPath, TrtRunner
+    from polygraphy.datatype import DataType
+
+    runner = TrtRunner(EngineFromPath(str(path)))
+    with _polygraphy(f"TensorRT could not run {path.name}"), runner:
+        metadata = runner.get_input_metadata(use_numpy_dtypes=False)
+        _check_feeds(metadata.keys(), feeds)
+        inputs = {
+            name: _to_torch(feeds[name], DataType.to_dtype(meta.dtype, "torch"))
+            for name, meta in metadata.items()
+        }
+        outputs = runner.infer(inputs)
+    # numpy has no bfloat16: such outputs come back as float32
+    return {
+        name: (value.float() if value.dtype == torch.bfloat16 else value).cpu().numpy()
+        for name, value in outputs.items()
+    }
+
+
+def bind_engine(engine_path: str | Path, feeds: Mapping[str, np.ndarray]) -> Callable[[], None]:
+    """Bind `feeds` to an engine once; each call of the result runs it: enqueue + sync only.
+
+    Not TrtRunner: its infer() does host work per I/O tensor on every call (shape and address
+    checks, a Python IOutputAllocator callback per output) that a decode step with dozens of
+    KV-cache tensors would add to each timed run, pulling A/B ratios towards 1. Here torch.cuda
+    buffers are bound once; Polygraphy still loads the engine and maps the data types.
+    """
+    path = Path(engine_path)
+    if not path.is_file():
+        raise GraphfuseError(f"engine file not found: {path}")
+    _require()
+    import tensorrt as trt
+    import torch
+    from polygraphy.backend.trt import EngineFromPath
+    from polygraphy.datatype import DataType
+
+    if not torch.cuda.is_available():
+        raise GraphfuseError(f"{NO_GPU}: torch.cuda cannot hold the engine's buffers")
+    with _polygraphy(f"TensorRT could not load {path.name}"):
+        engine: trt.ICudaEngine = EngineFromPath(str(path))()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        dtypes = {
+            name: DataType.to_dtype(
+                DataType.from_dtype(engine.get_tensor_dtype(name), source_module="tensorrt"),
+                "torch",
+            )
+            for name in names
+        }
+    inputs = [name for name in names if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT]
+    _check_feeds(inputs, feeds)
+    context = engine.create_execution_context()
+    buffers: dict[str, torch.Tensor] = {}
+    for name in inputs:
+        buffers[name] = _to_torch(feeds[name], dtypes[name]).cuda()
+        if not context.set_input_shape(name, tuple(buffers[name].shape)):
+            raise GraphfuseError(
+                f"input {name!r}: shape {_fmt(buffers[name].shape)} is outside the engine's profile"
+            )
+    for name in names:
+        if name not in buffers:  # an output: its shape is known once the inputs' are set
+            shape = _shape(context.get_tensor_shape(name))
+            buffers[name] = torch.empty(shape, dtype=dtypes[name], device="cuda")
+        context.set_tensor_address(name, buffers[name].data_ptr())
+    stream = torch.cuda.Stream()
+    torch.cuda.synchronize()  # the copies ran on torch's stream, the engine runs on its own
+
+    def run() -> None:
+        _ = engine, buffers  # alive as long as the runner
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise GraphfuseError("TensorRT could not enqueue the engine (execute_async_v3 failed)")
+        stream.synchronize()
+
+    return run
 
 
 def time_engine(
@@ -568,30 +573,12 @@ def time_engine(
     iters: int = 100,
 ) -> list[float]:
     """Milliseconds of each of `iters` synchronous runs after `warmup` runs (inputs stay on GPU)."""
-    runner = EngineRunner(engine_path)
-    runner.set_inputs(feeds)
+    run = bind_engine(engine_path, feeds)
     for _ in range(warmup):
-        runner.run_once()
+        run()
     times = []
     for _ in range(iters):
         start = time.perf_counter_ns()
-        runner.run_once()
+        run()
         times.append((time.perf_counter_ns() - start) / 1e6)
     return times
-
-
-__all__ = [
-    "NO_GPU",
-    "NO_LIBNVINFER",
-    "NO_TENSORRT",
-    "BuildResult",
-    "EngineRunner",
-    "ShapeProfile",
-    "TensorRTStatus",
-    "build_engine",
-    "parse_shapes",
-    "probe",
-    "run_engine",
-    "time_engine",
-    "write_atomic",
-]

@@ -1,8 +1,10 @@
-"""graphfuse.tensorrt: availability probe, argument checks, CLI, type check; engines on a GPU.
+"""graphfuse.tensorrt: probe, argument checks, the Polygraphy loader chain, CLI, type check;
+engines on a GPU.
 
 Engine tests are marked `gpu` and skipped with probe()'s one-line reason where TensorRT or a
-CUDA device is missing. The rest runs everywhere (fake `tensorrt` modules stand in for the three
-ways TensorRT can be missing).
+CUDA device is missing. The rest runs everywhere: fake `tensorrt` modules stand in for the ways
+TensorRT can be missing, and the loader chain is checked on real (lazy, uncalled) Polygraphy
+loaders, which need no TensorRT until called.
 """
 
 from __future__ import annotations
@@ -24,12 +26,24 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphfuse import tensorrt as gtrt
 from graphfuse.errors import GraphfuseError
-from graphfuse.tensorrt import ShapeProfile, build_engine, parse_shapes, probe, write_atomic
+from graphfuse.tensorrt import (
+    ShapeProfile,
+    build_engine,
+    check_profiles,
+    engine_loader,
+    parse_shapes,
+    probe,
+    write_atomic,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 STATUS = probe()
 gpu = pytest.mark.gpu
 needs_tensorrt = pytest.mark.skipif(not STATUS.available, reason=STATUS.message)
+needs_polygraphy = pytest.mark.skipif(
+    importlib.util.find_spec("polygraphy") is None,
+    reason="Polygraphy is not installed (pip install -e .[test])",
+)
 
 
 def _matmul_model(path: Path, hidden: int = 16) -> Path:
@@ -65,7 +79,7 @@ def test_probe_gives_one_known_line():
     assert "\n" not in status.message
     if not status.available:
         assert status.message.startswith(
-            (gtrt.NO_TENSORRT, gtrt.NO_LIBNVINFER, gtrt.NO_GPU, "TensorRT ")
+            (gtrt.NO_TENSORRT, gtrt.NO_LIBNVINFER, gtrt.NO_GPU, gtrt.NO_POLYGRAPHY, "TensorRT ")
         )
 
 
@@ -84,8 +98,9 @@ def test_probe_and_build_without_tensorrt(no_tensorrt_modules, tmp_path):
     model = _matmul_model(tmp_path / "m.onnx")
     with pytest.raises(GraphfuseError, match="TensorRT is not installed"):
         build_engine(model, tmp_path / "m.plan")
-    with pytest.raises(GraphfuseError, match="TensorRT is not installed"):
-        gtrt.EngineRunner(model)  # any existing file: the check comes before reading it
+    for run in (gtrt.run_engine, gtrt.bind_engine):  # any existing file: checked before reading
+        with pytest.raises(GraphfuseError, match="TensorRT is not installed"):
+            run(model, {})
 
 
 def test_probe_with_type_stubs_only(no_tensorrt_modules):
@@ -185,7 +200,18 @@ def test_build_without_tensorrt_says_what_is_missing(tmp_path):
     with pytest.raises(GraphfuseError) as caught:
         build_engine(model, tmp_path / "m.plan", profiles=[ShapeProfile.static({"x": (1, 16)})])
     assert str(caught.value) == STATUS.message
-    assert not (tmp_path / "m.plan").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]  # no engine
+
+
+def test_dynamic_inputs_need_shapes_and_the_reason_says_which():
+    check_profiles({"x": (2, 16)}, [])  # static: nothing to give
+    check_profiles({"x": (-1, 16)}, [ShapeProfile.static({"x": (2, 16)})])
+    with pytest.raises(GraphfuseError, match=r"dynamic inputs \(x:\?x16\): give their shapes"):
+        check_profiles({"x": (-1, 16), "w": (4,)}, [])
+    full = ShapeProfile.static({"a": (1, 2), "x": (3,), "y": (1, 5)})
+    partial = ShapeProfile.static({"a": (1, 2)})
+    with pytest.raises(GraphfuseError, match=r"profile 1: no shape given .* \['x', 'y'\]"):
+        check_profiles({"a": (-1, 2), "x": (-1,), "y": (1, -1)}, [full, partial])
 
 
 def test_write_atomic_leaves_no_temporary_files(tmp_path):
@@ -194,6 +220,106 @@ def test_write_atomic_leaves_no_temporary_files(tmp_path):
     write_atomic(target, memoryview(b"new bytes"))
     assert target.read_bytes() == b"new bytes"
     assert [p.name for p in target.parent.iterdir()] == ["engine.plan"]
+
+
+# -- the Polygraphy loader chain (composed, never called: no TensorRT needed) -------------------
+
+
+@needs_polygraphy
+def test_loader_chain_on_tensorrt_10(tmp_path):
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        EngineFromNetwork,
+        NetworkFromOnnxPath,
+        PostprocessNetwork,
+        Profile,
+    )
+
+    model = _matmul_model(tmp_path / "m.onnx")
+    cache = tmp_path / "timing.cache"
+    profile = ShapeProfile(*(parse_shapes(f"x:{n}x16") for n in (1, 4, 8)))
+    loader = engine_loader(
+        model, tensorrt_version="10.13.0.35", profiles=[profile], timing_cache=cache
+    )
+    assert isinstance(loader, EngineFromNetwork) and loader.timing_cache_path == str(cache)
+    checked = loader._network
+    assert isinstance(checked, PostprocessNetwork) and checked.name == "check_shapes"
+    parse = checked._network
+    assert isinstance(parse, NetworkFromOnnxPath)
+    assert parse.path == str(model) and parse.strongly_typed  # the flag exists on 10
+    config = loader._config
+    assert isinstance(config, CreateConfig)
+    (polygraphy_profile,) = config.profiles
+    assert list(polygraphy_profile) == ["x"]
+    assert tuple(polygraphy_profile["x"]) == ((1, 16), (4, 16), (8, 16))  # min, opt, max
+    assert config.tf32 and not config.fp16 and not config.bf16
+    assert config.memory_pool_limits is None
+    assert config.timing_cache_path is None  # no cache file yet: nothing to load
+
+    cache.write_bytes(b"cache")
+    weak = engine_loader(
+        model, tensorrt_version="10.13", strongly_typed=False, fp16=True, timing_cache=cache
+    )
+    assert weak._config.fp16 and not weak._config.bf16 and not weak._network._network.strongly_typed
+    assert weak._config.timing_cache_path == str(cache)
+    assert weak._config.profiles == [Profile()]  # Polygraphy fills it from a static network
+
+
+@needs_polygraphy
+def test_loader_chain_on_tensorrt_11(tmp_path):
+    model = _matmul_model(tmp_path / "m.onnx")
+    loader = engine_loader(model, tensorrt_version="11.2.0")
+    # Strongly typed always: the deprecated creation flag is not set, and no precision flags.
+    assert not loader._network._network.strongly_typed
+    assert not loader._config.fp16 and not loader._config.bf16 and loader._config.tf32
+    for flag in ("fp16", "bf16"):
+        with pytest.raises(
+            GraphfuseError, match=rf"TensorRT 11.2.0 has no BuilderFlag\.{flag.upper()}"
+        ):
+            engine_loader(model, tensorrt_version="11.2.0", strongly_typed=False, **{flag: True})
+
+
+@needs_polygraphy
+def test_composing_the_chain_imports_neither_tensorrt_nor_torch(tmp_path):
+    model = _matmul_model(tmp_path / "m.onnx")
+    code = (
+        "import sys\n"
+        "from graphfuse.tensorrt import ShapeProfile, engine_loader\n"
+        f"engine_loader({str(model)!r}, tensorrt_version='10.13', "
+        "profiles=[ShapeProfile.static({'x': (2, 16)})])\n"
+        "print(sorted({'tensorrt', 'tensorrt_bindings', 'torch'} & set(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+@needs_polygraphy
+def test_polygraphy_failures_become_one_line_reasons(capsys):
+    from polygraphy.logger import G_LOGGER
+
+    before = (G_LOGGER.use_python_logging_system, G_LOGGER.colors, G_LOGGER.module_severity.get())
+    with pytest.raises(GraphfuseError) as caught, gtrt._polygraphy("building m.onnx"):
+        G_LOGGER.info("not shown")
+        G_LOGGER.warning("a warning")
+        G_LOGGER.error("In node 3 (Foo):\n  UNSUPPORTED_NODE")
+        G_LOGGER.critical("Could not parse ONNX correctly")
+    assert str(caught.value) == (
+        "building m.onnx: In node 3 (Foo): UNSUPPORTED_NODE; "
+        "`graphfuse check --target tensorrt` lists what the parser cannot take"
+    )
+    out, err = capsys.readouterr()
+    assert "a warning" in err and "UNSUPPORTED_NODE" in err
+    assert "not shown" not in out + err and "Could not parse" not in out + err
+
+    reason = r"^loading e.plan: Could not deserialize engine\.$"  # nothing logged before it
+    with pytest.raises(GraphfuseError, match=reason), gtrt._polygraphy("loading e.plan"):
+        G_LOGGER.critical("Could not\n deserialize engine.")
+    # Polygraphy's logger is left as it was found.
+    after = (G_LOGGER.use_python_logging_system, G_LOGGER.colors, G_LOGGER.module_severity.get())
+    assert after == before
 
 
 # -- the CLI --------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
-"""Build a TensorRT engine from an ONNX file: a thin trtexec-like CLI over graphfuse.tensorrt.
+"""Build a TensorRT engine from an ONNX file: a thin trtexec-like CLI over graphfuse.tensorrt
+(Polygraphy's loaders underneath).
 
     python tools/build_engine.py --onnx model.onnx --saveEngine model.plan \\
         --shapes input_ids:1x1,past.0.key:1x3x128x64 --workspace 4096 \\
         --timingCache timing.cache --dumpLayerInfo layers.json
 
-Errors print one line and exit 2 (the traceback only with --debug).
+Errors print one line and exit 2 (the traceback only with --debug); Polygraphy's and TensorRT's
+warnings and errors go to stderr before it.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import sys
 from pathlib import Path
 
 from graphfuse.errors import GraphfuseError
+from graphfuse.tensorrt import ShapeProfile, build_engine, parse_shapes
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="build_engine", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="build_engine", description=__doc__.split("\n\n")[0])
     p.add_argument("--onnx", type=Path, required=True, help="ONNX model (external data beside it)")
     p.add_argument("--saveEngine", type=Path, required=True, help="serialized engine to write")
     shapes = p.add_argument_group("input shapes (NAME:DxD,NAME:DxDxD as trtexec)")
@@ -44,14 +47,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="TensorRT 10: do not create a strongly typed network (TensorRT 11 always is)",
     )
-    p.add_argument("--verbose", action="store_true", help="print TensorRT's log")
+    p.add_argument("--verbose", action="store_true", help="print TensorRT's and Polygraphy's log")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
-def _profiles(args: argparse.Namespace) -> list:
-    from graphfuse.tensorrt import ShapeProfile, parse_shapes
-
+def _profiles(args: argparse.Namespace) -> list[ShapeProfile]:
     ranged = [args.minShapes, args.optShapes, args.maxShapes]
     if args.shapes and any(ranged):
         raise GraphfuseError(
@@ -69,8 +70,6 @@ def _profiles(args: argparse.Namespace) -> list:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        from graphfuse.tensorrt import build_engine
-
         result = build_engine(
             args.onnx,
             args.saveEngine,
