@@ -13,18 +13,20 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from tqdm import tqdm
 
-from graphfuse import onnx_io
+from graphfuse import genai, onnx_io, skip_norm
 from graphfuse.blocks import FfnBlock, NearMiss, find_blocks
 from graphfuse.errors import GraphfuseError
 from graphfuse.graph import GraphIndex
 from graphfuse.runs import Refusal, Run, find_runs
 
-ModelLike = onnx.ModelProto | str | os.PathLike
+# A proto, a path (an .onnx file or an onnxruntime-genai folder), or an onnx-graphsurgeon Graph.
+ModelLike = onnx.ModelProto | str | os.PathLike | Any
 
 
 @dataclass
@@ -36,6 +38,8 @@ class Inspection:
     runs: list[Run]  # maximal runs, single blocks included
     refusals: list[Refusal]
     near_misses: list[NearMiss]
+    split: skip_norm.Split = field(default_factory=skip_norm.Split)  # to join after a pass
+    candidates: list[NearMiss] = field(default_factory=list)  # where no block was found: why
 
     def fusable(self) -> list[Run]:
         return [r for r in self.runs if len(r) > 1]
@@ -61,6 +65,7 @@ class Inspection:
                 {"blocks": f"{r.left}-{r.left + 1}", "reason": r.reason} for r in self.refusals
             ],
             "near_misses": [asdict(m) for m in self.near_misses],
+            "candidates": [asdict(m) for m in self.candidates],
         }
 
 
@@ -88,20 +93,39 @@ class FusionReport:
         return json.dumps(asdict(self), indent=2)
 
 
+def model_path(model: str | os.PathLike) -> Path:
+    """The ONNX file behind ``model``: itself, or the one an onnxruntime-genai folder names."""
+    return genai.model_file(model) if genai.is_folder(model) else Path(model)
+
+
+def _is_graphsurgeon(model: object) -> bool:
+    return type(model).__module__.startswith("onnx_graphsurgeon")
+
+
 def _load(model: ModelLike) -> tuple[onnx.ModelProto, Path | None]:
     if isinstance(model, onnx.ModelProto):
         return model, None
-    return onnx_io.load(model), onnx_io.model_base_dir(model)
+    if _is_graphsurgeon(model):  # TensorRT-side pipelines hold gs.Graph objects
+        import onnx_graphsurgeon as gs
+
+        return gs.export_onnx(model), None
+    path = model_path(model)
+    return onnx_io.load(path), onnx_io.model_base_dir(path)
 
 
 def inspect(model: ModelLike, base_dir: Path | None = None) -> Inspection:
     """Find the FFN blocks, runs and refusals of a model (a proto or a path); ``base_dir`` is
     where a proto's external data lives."""
     proto, found_dir = _load(model)
+    proto, split = skip_norm.split(proto)
     g = GraphIndex(proto, base_dir or found_dir)
-    blocks, misses = find_blocks(g)
-    runs, refusals = find_runs(g, blocks, misses)
-    return Inspection(g, blocks, runs, refusals, misses)
+    blocks, misses = find_blocks(g, all_misses=True)
+    near = [m for m in misses if m.near]
+    runs, refusals = find_runs(g, blocks, near)
+    found = Inspection(g, blocks, runs, refusals, near, split)
+    if not blocks:
+        found.candidates = misses
+    return found
 
 
 def parse_runs(spec: str | list[tuple[int, int]], found: Inspection) -> list[Run]:
@@ -165,13 +189,29 @@ def plan(
     return chosen
 
 
+def parallel_reference(found: Inspection, runs: list[Run]) -> onnx.ModelProto:
+    """The unfused model with every block of each run reading the run's input X: the run's
+    output becomes X + Σᵢ FFNᵢ(nᵢ(X)), computed by the model's own ops, which is what the
+    fusion of those runs must equal. Only the norms' inputs are rewired; the residual Adds
+    chain as before."""
+    model = onnx.ModelProto()
+    model.CopyFrom(found.index.model)
+    for run in runs:
+        x = found.blocks[run.first].residual_in
+        for block in found.blocks[run.first + 1 : run.last + 1]:
+            for at in block.norm.nodes:
+                node = model.graph.node[at]
+                node.input[:] = [x if v == block.residual_in else v for v in node.input]
+    return skip_norm.join(model, found.split)
+
+
 def depth(model: onnx.ModelProto, ffn_stages: int) -> Depth:
     """Sequential depth: FFN stages, and GEMMs on the graph's longest path."""
     longest: dict[str, int] = {}
     best = 0
     for node in model.graph.node:
         d = max((longest.get(v, 0) for v in node.input), default=0)
-        d += node.op_type in ("MatMul", "Gemm")
+        d += node.op_type in ("MatMul", "Gemm", "MatMulNBits")
         for v in node.output:
             longest[v] = d
         best = max(best, d)
@@ -191,10 +231,16 @@ def fuse(
     progress: bool = False,
     pack: bool = False,
 ) -> tuple[onnx.ModelProto, FusionReport]:
-    """Fuse ``runs`` of ``model`` in memory; return the new model and its report.
+    """Fuse ``runs`` of ``model`` in memory; return the new model and its report. An
+    onnx-graphsurgeon ``Graph`` in gives a ``Graph`` out; anything else gives a ModelProto.
 
     ``pack`` writes gate and up as one MatMul and a Split instead of two MatMuls."""
-    return _fuse(model, runs, max_run_length, keep_last, progress, sink=None, pack=pack)
+    fused, report = _fuse(model, runs, max_run_length, keep_last, progress, sink=None, pack=pack)
+    if _is_graphsurgeon(model):
+        import onnx_graphsurgeon as gs
+
+        return gs.import_onnx(fused), report
+    return fused, report
 
 
 def fuse_file(
@@ -245,7 +291,12 @@ def parse_indices(spec: str | list[int]) -> list[int]:
 
 def _transform_file(model, output, transform, check: bool):
     """Load, transform, save atomically (new weights streamed to the output's data file) and
-    check that a model the checker accepted is still accepted."""
+    check that a model the checker accepted is still accepted. An onnxruntime-genai folder in
+    gives a complete folder out."""
+    if genai.is_folder(model):
+        return genai.transform_folder(
+            Path(model), Path(output), lambda m, o: _transform_file(m, o, transform, check)
+        )
     source = Path(model)
     proto = onnx_io.load(source)
     base_dir = onnx_io.model_base_dir(source)
@@ -283,6 +334,7 @@ def _fuse(model, runs, max_run_length, keep_last, progress, sink, base_dir=None,
         fused, done = fuse_ffn_runs(
             found.index, [[found.blocks[i] for i in r.indices] for r in chosen], sink, bar, pack
         )
+    fused = skip_norm.join(fused, found.split)
     stages_before = len(found.blocks)
     stages_after = stages_before - sum(len(r) - 1 for r in chosen)
     report = FusionReport(
@@ -290,7 +342,7 @@ def _fuse(model, runs, max_run_length, keep_last, progress, sink, base_dir=None,
         runs_fused=[f"{r.first}-{r.last}" for r in done],
         widths=[r.width for r in done],
         refusals=[{"blocks": f"{r.left}-{r.left + 1}", "reason": r.reason} for r in found.refusals],
-        nodes_before=len(model.graph.node),
+        nodes_before=len(model.graph.node) - len(found.split.originals),  # each split added one
         nodes_after=len(fused.graph.node),
         parameters_before=parameters(model),
         parameters_after=parameters(fused),

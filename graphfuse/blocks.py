@@ -44,6 +44,26 @@ class NoMatch(Exception):
 
 
 @dataclass(frozen=True)
+class Quant:
+    """How a ``MatMulNBits`` (com.microsoft) stores its [K, N] weight: B is [N, K/block,
+    block·bits/8] uint8, packed per output row and blocked along K; ``scales`` is [N, K/block]
+    (or flat); ``zero_points`` is absent (zero point 2^(bits-1)), uint8 packed like B, or of the
+    scales' type."""
+
+    scales: str
+    zero_points: str | None
+    bits: int
+    block_size: int
+    accuracy_level: int
+    k: int
+    n: int
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.k // self.block_size)
+
+
+@dataclass(frozen=True)
 class Weight:
     """A constant matrix or vector as stored, and how to read it as the math wants it."""
 
@@ -51,9 +71,19 @@ class Weight:
     transposed: bool = False  # stored [out, in] (Transpose(W) or Gemm transB=1)
     columns: tuple[int, int] | None = None  # the output features this projection owns
     constant: bool = True  # False: computed at run time, so the block cannot be fused
+    quant: Quant | None = None  # MatMulNBits packing, where the weight is quantised
 
     def load(self, g: GraphIndex) -> np.ndarray:
-        """The matrix as [in, out] (a bias as [out]), in its stored dtype."""
+        """The matrix as [in, out] (a bias as [out]), in its stored dtype (a quantised weight
+        dequantised to its scales' dtype)."""
+        if self.quant is not None:
+            from graphfuse.nbits import dequantize
+
+            q = self.quant
+            zero_points = g.constant(q.zero_points) if q.zero_points else None
+            scales = g.constant(q.scales)
+            assert scales is not None, q.scales
+            return dequantize(g.constant(self.name), scales, zero_points, q).T
         array = g.constant(self.name)
         assert array is not None, self.name
         if self.transposed:
@@ -114,11 +144,13 @@ class FfnBlock:
 
 @dataclass(frozen=True)
 class NearMiss:
-    """A residual Add that looked like an FFN block but was refused."""
+    """A residual Add that looked like an FFN block but was refused; ``near`` when it got as
+    far as a gated product with its projections."""
 
     node: int
     name: str
     reason: str
+    near: bool = True
 
 
 def dtype_name(elem_type: int | None) -> str:
@@ -205,6 +237,11 @@ def match_projection(g: GraphIndex, value: str) -> Projection:
             if attribute(core, "beta", 1.0) != 1.0:
                 raise NoMatch(f"Gemm '{core.name}' scales its bias")
             biases.append(core.input[2])
+    elif core.op_type == "MatMulNBits" and core.domain == "com.microsoft":
+        weight, bias_input = _nbits_weight(g, core)
+        if bias_input:
+            biases.append(bias_input)
+        extra = []
     else:
         raise NoMatch(f"'{value}' is computed by {core.op_type}, not MatMul or Gemm")
     nodes.extend(extra)
@@ -215,9 +252,14 @@ def match_projection(g: GraphIndex, value: str) -> Projection:
             raise NoMatch(f"projection '{core.name}' reshapes its output but not its input")
         take(g.producer[x])
         x = inner.input[0]
-    rows, cols = g.shape_of_constant(weight.name) or (-1, -1)
+    if weight.quant is not None:
+        rows, cols = weight.quant.k, weight.quant.n
+    else:
+        rows, cols = g.shape_of_constant(weight.name) or (-1, -1)
     fan_in, fan_out = (cols, rows) if weight.transposed else (rows, cols)
     if columns is not None:
+        if weight.quant is not None:
+            raise NoMatch(f"packed gate/up '{core.name}' is quantised: not supported")
         weight = Weight(weight.name, weight.transposed, columns, weight.constant)
         fan_out = columns[1] - columns[0]
     if len(biases) > 1:
@@ -228,6 +270,36 @@ def match_projection(g: GraphIndex, value: str) -> Projection:
         bias_columns = columns if columns is not None and full != fan_out else None
         bias = Weight(biases[0], columns=bias_columns)
     return Projection(x, value, weight, bias, (fan_in, fan_out), frozenset(nodes))
+
+
+def _nbits_weight(g: GraphIndex, node: onnx.NodeProto) -> tuple[Weight, str | None]:
+    """The quantised weight of a ``MatMulNBits`` node and its bias input, if any."""
+    inputs = [*node.input, "", "", "", ""]
+    b, scales, zero_points, g_idx, bias = inputs[1:6]
+    if g_idx:
+        raise NoMatch(
+            f"MatMulNBits '{node.name}' has a g_idx input (act-order): its rows are permuted, "
+            "which graphfuse does not fuse"
+        )
+    for v in (b, scales, zero_points):
+        if v and not g.is_constant(v):
+            return Weight(v, constant=False), None
+    quant = Quant(
+        scales=scales,
+        zero_points=zero_points or None,
+        bits=int(attribute(node, "bits", 4)),  # type: ignore[call-overload]
+        block_size=int(attribute(node, "block_size", 0)),  # type: ignore[call-overload]
+        accuracy_level=int(attribute(node, "accuracy_level", 0)),  # type: ignore[call-overload]
+        k=int(attribute(node, "K", 0)),  # type: ignore[call-overload]
+        n=int(attribute(node, "N", 0)),  # type: ignore[call-overload]
+    )
+    return Weight(b, quant=quant), bias or None
+
+
+def weight_dtype(g: GraphIndex, weight: Weight) -> int | None:
+    """The element type a projection computes in: the stored weight's, or a quantised
+    weight's scales'."""
+    return g.elem_type(weight.quant.scales if weight.quant else weight.name)
 
 
 def _packed_columns(g: GraphIndex, at: int, value: str) -> tuple[int, int]:
@@ -550,7 +622,7 @@ def _finish(
     for value in (v for i in act_nodes for v in g.node(i).input if g.is_constant(v)):
         if int(np.prod(g.shape_of_constant(value) or ())) != 1:
             raise NoMatch(f"the activation uses a non-scalar constant '{value}'")
-    dtypes = {g.elem_type(p.weight.name) for p in (gate, up, down)}
+    dtypes = {weight_dtype(g, p.weight) for p in (gate, up, down)}
     if len(dtypes) != 1:
         raise NoMatch("the gate, up and down weights have different dtypes")
     (dtype,) = dtypes
@@ -627,8 +699,11 @@ def _check_interior(g: GraphIndex, nodes: set[int] | frozenset[int], keep: str) 
                 )
 
 
-def find_blocks(g: GraphIndex) -> tuple[list[FfnBlock], list[NearMiss]]:
-    """Every FFN block of the graph in graph order, and the refused near misses."""
+def find_blocks(
+    g: GraphIndex, *, all_misses: bool = False
+) -> tuple[list[FfnBlock], list[NearMiss]]:
+    """Every FFN block of the graph in graph order, and the refused near misses (with
+    ``all_misses``, every Add of two computed values that was refused, with its reason)."""
     blocks: list[FfnBlock] = []
     misses: list[NearMiss] = []
     for at, node in enumerate(g.nodes):
@@ -637,8 +712,9 @@ def find_blocks(g: GraphIndex) -> tuple[list[FfnBlock], list[NearMiss]]:
         try:
             block = match_block(g, at)
         except NoMatch as e:
-            if e.near:
-                misses.append(NearMiss(at, node.name or node.output[0], e.reason))
+            computed = sum(not g.is_constant(v) for v in node.input) == 2
+            if e.near or (all_misses and computed):
+                misses.append(NearMiss(at, node.name or node.output[0], e.reason, e.near))
             continue
         blocks.append(_with_index(block, len(blocks)))
     return blocks, misses

@@ -67,6 +67,14 @@ def _json_arg(p: argparse.ArgumentParser) -> None:
 # -- commands ----------------------------------------------------------------------------------------
 
 
+LOOKED_FOR = (
+    "residual Add(X, down(act(gate(n(X))) * up(n(X)))) with n an RMSNorm "
+    "(decomposed, RMSNormalization, [Skip]SimplifiedLayerNormalization), projections as "
+    "MatMul/Gemm/MatMulNBits, act SiLU or GELU; the closest candidates and why they were refused:"
+)
+MAX_CANDIDATES = 12
+
+
 @command("inspect")
 def _inspect(args: argparse.Namespace) -> int:
     from graphfuse.api import inspect
@@ -76,6 +84,15 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(found.as_dict(), indent=2))
         return 0
     print(f"{len(found.blocks)} FFN blocks in {args.model}")
+    if not found.blocks:
+        print(f"looked for: {LOOKED_FOR}")
+        shown = sorted(found.candidates, key=lambda m: not m.near)[:MAX_CANDIDATES]
+        if not shown:
+            print("no Add of two computed values (a residual Add) in the graph")
+        for m in shown:
+            print(f"  {m.name}: {m.reason}")
+        if len(found.candidates) > len(shown):
+            print(f"  … and {len(found.candidates) - len(shown)} more (--json lists them all)")
     if found.blocks:
         print(
             f"{'block':>5}  {'H':>6}  {'I':>6}  {'act':<9}  {'eps':<8}  {'norm':<16}  {'dtype':<8}  residual Add"
@@ -92,7 +109,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print("\nnot fusable:")
         for r in found.refusals:
             print(f"  {r.left}-{r.left + 1}: {r.reason}")
-    if found.near_misses:
+    if found.near_misses and found.blocks:  # with none, the candidates above said it
         print("\nrefused candidates:")
         for m in found.near_misses:
             print(f"  {m.name}: {m.reason}")

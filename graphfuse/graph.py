@@ -31,6 +31,10 @@ ELEMENTWISE = frozenset(
 NORM_OPS = frozenset({"ReduceMean", "RMSNormalization", "SimplifiedLayerNormalization"})
 
 
+# Ops that mark an attention sublayer.
+ATTENTION_OPS = frozenset({"Softmax", "Attention", "GroupQueryAttention", "MultiHeadAttention"})
+
+
 class GraphIndex:
     """Producer/consumer maps and constant look-up for one ONNX graph."""
 

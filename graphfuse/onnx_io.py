@@ -52,6 +52,13 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
             continue
         info = external_data_helper.ExternalDataInfo(tensor)
         file = base_dir / info.location
+        inside = base_dir.resolve() in (base_dir / info.location).resolve().parents
+        if Path(info.location).is_absolute() or not inside or file.is_symlink():
+            raise GraphfuseError(
+                f"external data location '{info.location}' of tensor '{tensor.name}' is not a "
+                f"plain file inside {base_dir}: a model may only read data beside it; move the "
+                "data file next to the model and fix the location"
+            )
         if not file.is_file():
             raise GraphfuseError(
                 f"external data file '{info.location}' of tensor '{tensor.name}' is missing; "

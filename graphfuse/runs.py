@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from graphfuse.blocks import FfnBlock, NearMiss
-from graphfuse.graph import GraphIndex
+from graphfuse.graph import ATTENTION_OPS, GraphIndex
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,27 @@ def pair_refusal(
         return f"dtypes differ: {a.dtype} vs {b.dtype}"
     if a.hidden != b.hidden:
         return f"hidden sizes differ: {a.hidden} vs {b.hidden}"
+    return _quantised_refusal(a, b)
+
+
+def _quantised_refusal(a: FfnBlock, b: FfnBlock) -> str | None:
+    """Why the down projections of ``a`` and ``b`` cannot join into one, where quantised."""
+    qa, qb = a.down.weight.quant, b.down.weight.quant
+    if qa is None and qb is None:
+        return None
+    if qa is None or qb is None:
+        return "one down projection is quantised (MatMulNBits) and the other is not"
+    for block, q in ((a, qa), (b, qb)):
+        if block.intermediate % q.block_size:
+            return (
+                f"block {block.index}'s I={block.intermediate} is not a multiple of its "
+                f"MatMulNBits block_size {q.block_size}: the down projections cannot join exactly"
+            )
+    for what in ("bits", "block_size", "accuracy_level"):
+        if getattr(qa, what) != getattr(qb, what):
+            return f"MatMulNBits {what} differs: {getattr(qa, what)} vs {getattr(qb, what)}"
+    if (qa.zero_points is None) != (qb.zero_points is None):
+        return "one MatMulNBits down projection has zero points and the other has none"
     return None
 
 
@@ -103,7 +124,7 @@ def _between(g: GraphIndex, a: FfnBlock, b: FfnBlock, misses: list[NearMiss]) ->
             before.add(at)
             frontier.extend(g.node(at).input)
     between = sorted(before)
-    softmax = [j for j in between if g.node(j).op_type == "Softmax"]
+    softmax = [j for j in between if g.node(j).op_type in ATTENTION_OPS]
     if softmax:
         return f"attention between them (node {g.label(softmax[0])})"
     refused = [m for m in misses if m.node in before]

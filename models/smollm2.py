@@ -183,6 +183,25 @@ def _load_tokenizer(gguf: Path) -> Any:
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
+def save_hf_folder(folder: Path, cache_dir: Path | None = None, loaded: Any = None) -> Path:
+    """SmolLM2 as a plain Hugging Face folder (fp32 safetensors, config, tokenizer files): what
+    onnxruntime-genai's builder and other tools read. ``loaded``: ``load()``'s result, if held.
+
+    A model loaded from GGUF refuses ``save_pretrained``, so its weights move into a fresh
+    model of the same config first."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = loaded if loaded is not None else load(cache_dir)
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(model.state_dict())
+    fresh.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
+
+
 def export_logits(path: str | os.PathLike[str], cache_dir: Path | None = None) -> Path:
     """Export the full-sequence logits model (no KV cache) to a single ONNX file at ``path``."""
     import torch

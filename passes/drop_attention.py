@@ -22,12 +22,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from graphfuse import skip_norm
 from graphfuse.blocks import FfnBlock, find_blocks
 from graphfuse.errors import GraphfuseError
-from graphfuse.graph import GraphIndex
+from graphfuse.graph import ATTENTION_OPS, GraphIndex
 from graphfuse.surgery import rebuild
-
-ATTENTION_OPS = frozenset({"Softmax", "Attention", "GroupQueryAttention", "MultiHeadAttention"})
 
 
 @dataclass(frozen=True)
@@ -120,6 +119,8 @@ def drop_attention(
     model: onnx.ModelProto, layers: list[int], base_dir=None
 ) -> tuple[onnx.ModelProto, DropReport]:
     """Remove the attention of ``layers``; returns the new model and what changed."""
+    original = model
+    model, split = skip_norm.split(model)
     g = GraphIndex(model, base_dir)
     blocks, _ = find_blocks(g)
     attention = find_attention(g, blocks)
@@ -147,7 +148,7 @@ def drop_attention(
             node = copy
         nodes.append(node)
     drop_outputs = {v for a in chosen for v in a.present}
-    new = rebuild(g, nodes, drop_outputs=drop_outputs)
+    new = skip_norm.join(rebuild(g, nodes, drop_outputs=drop_outputs), split)
     # A cache input goes once nothing reads it; inputs the layers share (the mask, positions,
     # shapes taken from one layer's cache) are still read and stay.
     read = {v for n in new.graph.node for v in n.input}
@@ -157,9 +158,9 @@ def drop_attention(
     new.graph.input.extend(kept)
     report = DropReport(
         layers=[a.layer for a in chosen],
-        nodes_before=len(model.graph.node),
+        nodes_before=len(original.graph.node),
         nodes_after=len(new.graph.node),
-        kv_bytes_per_token_before=kv_bytes_per_token(model),
+        kv_bytes_per_token_before=kv_bytes_per_token(original),
         kv_bytes_per_token_after=kv_bytes_per_token(new),
         removed_inputs=sorted(drop_inputs),
         removed_outputs=sorted(drop_outputs),

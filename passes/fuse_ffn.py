@@ -34,8 +34,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from graphfuse.blocks import FfnBlock, Weight
+from graphfuse.blocks import FfnBlock, Weight, weight_dtype
 from graphfuse.graph import GraphIndex
+from graphfuse.nbits import join_along_k
 from graphfuse.onnx_io import TensorSink
 from graphfuse.surgery import rebuild
 
@@ -120,60 +121,65 @@ def _fuse_run(
             copy.doc_string = doc
             nodes.append(copy)
 
-    # n̂: block 1's norm with its gains removed (a gain Mul is skipped; a norm op's scale
-    # becomes ones).
-    norm = first.norm
-    drop = {}
-    for at, gain in norm.gains:
-        node = g.node(at)
-        if node.op_type == "Mul":
-            drop[at] = node.input[1] if node.input[0] == gain else node.input[0]
+    if any(p.weight.quant for b in run for p in (b.gate, b.up, b.down)):
+        y = _per_branch_ffn(g, run, prefix, doc, nodes, tensors, sink)
+    else:
+        # n̂: block 1's norm with its gains removed (a gain Mul is skipped; a norm op's scale
+        # becomes ones).
+        norm = first.norm
+        drop = {}
+        for at, gain in norm.gains:
+            node = g.node(at)
+            if node.op_type == "Mul":
+                drop[at] = node.input[1] if node.input[0] == gain else node.input[0]
+            else:
+                shape = g.shape_of_constant(gain) or ()
+                ones = np.ones(shape, helper.tensor_dtype_to_np_dtype(g.elem_type(gain)))  # type: ignore[arg-type]
+                tensors.append(sink.tensor(f"{prefix}/unit_gain", ones))
+                names[gain] = f"{prefix}/unit_gain"
+        copy_island(norm.nodes, drop)
+        z = names[norm.output]
+
+        dtype = _np_dtype(g, first.gate.weight)
+        gate_w, up_w, down_w = _wide_weights(g, run, dtype)
+        biases = _wide_biases(g, run, dtype)
+        if pack:  # one [H, 2ΣI] GEMM, then Split: gate and up read the same z
+            weights = {"gate_up": np.concatenate([gate_w, up_w], axis=1), "down": down_w}
+            if "gate" in biases or "up" in biases:
+                width = gate_w.shape[1]
+                zeros = np.zeros(width, dtype)
+                biases["gate_up"] = np.concatenate(
+                    [biases.pop("gate", zeros), biases.pop("up", zeros)]
+                )
         else:
-            shape = g.shape_of_constant(gain) or ()
-            ones = np.ones(shape, helper.tensor_dtype_to_np_dtype(g.elem_type(gain)))  # type: ignore[arg-type]
-            tensors.append(sink.tensor(f"{prefix}/unit_gain", ones))
-            names[gain] = f"{prefix}/unit_gain"
-    copy_island(norm.nodes, drop)
-    z = names[norm.output]
+            weights = {"gate": gate_w, "up": up_w, "down": down_w}
+        for role, array in weights.items():
+            tensors.append(sink.tensor(f"{prefix}/{role}_weight", array))
+        del gate_w, up_w, down_w, weights  # the sink holds them now (on disk when streaming)
 
-    dtype = _np_dtype(g, first.gate.weight)
-    gate_w, up_w, down_w = _wide_weights(g, run, dtype)
-    biases = _wide_biases(g, run, dtype)
-    if pack:  # one [H, 2ΣI] GEMM, then Split: gate and up read the same z
-        weights = {"gate_up": np.concatenate([gate_w, up_w], axis=1), "down": down_w}
-        if "gate" in biases or "up" in biases:
-            width = gate_w.shape[1]
-            zeros = np.zeros(width, dtype)
-            biases["gate_up"] = np.concatenate([biases.pop("gate", zeros), biases.pop("up", zeros)])
-    else:
-        weights = {"gate": gate_w, "up": up_w, "down": down_w}
-    for role, array in weights.items():
-        tensors.append(sink.tensor(f"{prefix}/{role}_weight", array))
-    del gate_w, up_w, down_w, weights  # the sink holds them now (on disk when streaming)
+        def project(x: str, role: str) -> str:
+            y = emit("MatMul", [x, f"{prefix}/{role}_weight"], f"{role}_matmul")
+            if role in biases:
+                tensors.append(sink.tensor(f"{prefix}/{role}_bias", biases[role]))
+                y = emit("Add", [y, f"{prefix}/{role}_bias"], f"{role}_bias_add")
+            return y
 
-    def project(x: str, role: str) -> str:
-        y = emit("MatMul", [x, f"{prefix}/{role}_weight"], f"{role}_matmul")
-        if role in biases:
-            tensors.append(sink.tensor(f"{prefix}/{role}_bias", biases[role]))
-            y = emit("Add", [y, f"{prefix}/{role}_bias"], f"{role}_bias_add")
-        return y
-
-    if pack:
-        width = sum(b.intermediate for b in run)
-        split = f"{prefix}/split_sizes"
-        tensors.append(sink.tensor(split, np.array([width, width], np.int64)))
-        gate, up = f"{prefix}/gate", f"{prefix}/up"
-        nodes.append(
-            helper.make_node("Split", [project(z, "gate_up"), split], [gate, up],
-                             name=f"{prefix}/split", axis=-1, doc_string=doc)
-        )  # fmt: skip
-        names[first.activation_input] = gate
-    else:
-        names[first.activation_input] = project(z, "gate")
-        up = project(z, "up")
-    copy_island(first.activation_nodes)
-    product = emit("Mul", [names[first.activation_output], up], "product")
-    y = project(product, "down")
+        if pack:
+            width = sum(b.intermediate for b in run)
+            split = f"{prefix}/split_sizes"
+            tensors.append(sink.tensor(split, np.array([width, width], np.int64)))
+            gate, up = f"{prefix}/gate", f"{prefix}/up"
+            nodes.append(
+                helper.make_node("Split", [project(z, "gate_up"), split], [gate, up],
+                                 name=f"{prefix}/split", axis=-1, doc_string=doc)
+            )  # fmt: skip
+            names[first.activation_input] = gate
+        else:
+            names[first.activation_input] = project(z, "gate")
+            up = project(z, "up")
+        copy_island(first.activation_nodes)
+        product = emit("Mul", [names[first.activation_output], up], "product")
+        y = project(product, "down")
     for at in reversed(last.down_casts):
         cast = onnx.NodeProto()
         cast.CopyFrom(g.node(at))
@@ -194,8 +200,106 @@ def _fuse_run(
     return nodes, tensors
 
 
+def _per_branch_ffn(
+    g: GraphIndex,
+    run: list[FfnBlock],
+    prefix: str,
+    doc: str,
+    nodes: list[onnx.NodeProto],
+    tensors: list[onnx.TensorProto],
+    sink: TensorSink,
+) -> str:
+    """The exact form for quantised weights: per-branch norm and gate/up, one joined down.
+
+        X ─┬─ n₁ ─ gate₁/up₁ ─ act ─ Mul ─┐
+           ├─ …                            Concat ─ MatMulNBits[W2₁; …; W2ₖ] ─ y
+           └─ nₖ ─ gateₖ/upₖ ─ act ─ Mul ─┘
+
+    A block's γ cannot be folded into blockwise-quantised gate/up weights exactly (a scale is
+    shared by block_size inputs, γ differs per input), so each branch keeps its own norm (a
+    copy of block i's norm island on the run's input X: nᵢ(X), as the parallel reference has
+    it) and its own quantised gate and up. Re-spelling the norm as one shared x/rms(x) and a
+    Mul by γᵢ would round differently by an ulp, and MatMulNBits' int8 quantisation of its
+    input (accuracy_level 4) turns an ulp into a quantisation step. The down projections join
+    along K in the packed domain (`graphfuse.nbits.join_along_k`): exact when every Iᵢ is a
+    multiple of block_size, which the run finder checked, since the joined input is quantised
+    in the same blocks of K as the parts."""
+    x = run[0].residual_in
+    products = []
+    for i, block in enumerate(run):
+        names = {block.residual_in: x}
+        inner = block.norm.nodes | block.gate.nodes | block.up.nodes | block.activation_nodes
+        for at in sorted(inner | {block.product}):
+            copy = onnx.NodeProto()
+            copy.CopyFrom(g.node(at))
+            copy.input[:] = [names.get(v, v) for v in copy.input]
+            copy.output[:] = [names.setdefault(v, f"{prefix}/branch{i}/{v}") for v in copy.output]
+            copy.name, copy.doc_string = f"{prefix}/branch{i}/{copy.name or at}", doc
+            nodes.append(copy)
+        products.append(names[g.node(block.product).output[0]])
+    joined = f"{prefix}/products"
+    nodes.append(
+        helper.make_node("Concat", products, [joined], name=joined, axis=-1, doc_string=doc)
+    )
+    return _joined_down(g, run, joined, prefix, doc, nodes, tensors, sink)
+
+
+def _joined_down(
+    g: GraphIndex,
+    run: list[FfnBlock],
+    x: str,
+    prefix: str,
+    doc: str,
+    nodes: list[onnx.NodeProto],
+    tensors: list[onnx.TensorProto],
+    sink: TensorSink,
+) -> str:
+    """One down projection over the joined hidden features: [W2₁; …; W2ₖ], biases summed."""
+    first = run[0].down.weight
+    y = f"{prefix}/down_matmul"
+    if first.quant is None:
+        down = np.concatenate([b.down.weight.load(g) for b in run], axis=0)
+        tensors.append(sink.tensor(f"{prefix}/down_weight", down))
+        nodes.append(helper.make_node("MatMul", [x, f"{prefix}/down_weight"], [y], name=y,
+                                      doc_string=doc))  # fmt: skip
+    else:
+        parts = []
+        for b in run:
+            q = b.down.weight.quant
+            assert q is not None
+            zero_points = g.constant(q.zero_points) if q.zero_points else None
+            parts.append((g.constant(b.down.weight.name), g.constant(q.scales), zero_points, q))
+        packed, scales, zero_points = join_along_k(parts)  # type: ignore[arg-type]
+        inputs = [x, f"{prefix}/down_weight", f"{prefix}/down_scales"]
+        tensors.append(sink.tensor(inputs[1], packed))
+        tensors.append(sink.tensor(inputs[2], scales))
+        if zero_points is not None:
+            inputs.append(f"{prefix}/down_zero_points")
+            tensors.append(sink.tensor(inputs[3], zero_points))
+        q = first.quant
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits", inputs, [y], name=y, domain="com.microsoft", doc_string=doc,
+                K=sum(b.intermediate for b in run), N=q.n, bits=q.bits, block_size=q.block_size,
+                accuracy_level=q.accuracy_level,
+            )
+        )  # fmt: skip
+    if any(b.down.bias for b in run):
+        bias = sum(
+            (_bias(g, b.down.bias, b.hidden).astype(np.float32) for b in run),
+            np.zeros(run[0].hidden, np.float32),
+        )
+        dtype = _np_dtype(g, run[0].gate.weight)
+        tensors.append(sink.tensor(f"{prefix}/down_bias", bias.astype(dtype)))
+        added = f"{prefix}/down_bias_add"
+        nodes.append(helper.make_node("Add", [y, f"{prefix}/down_bias"], [added], name=added,
+                                      doc_string=doc))  # fmt: skip
+        y = added
+    return y
+
+
 def _np_dtype(g: GraphIndex, weight: Weight) -> np.dtype:
-    elem = g.elem_type(weight.name)
+    elem = weight_dtype(g, weight)
     if elem == onnx.TensorProto.BFLOAT16:
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(helper.tensor_dtype_to_np_dtype(elem))  # type: ignore[arg-type]

@@ -183,3 +183,28 @@ def test_failure_while_writing_leaves_nothing(
     with pytest.raises(OSError, match="disk full"):
         fuse_file(model_file, tmp_path / "out.onnx")
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "symlink"])
+def test_external_data_outside_the_model_folder(tmp_path: Path, where: str) -> None:
+    """A model file must never pull another file's bytes into an output."""
+    secret = tmp_path / "secret.bin"
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    path = model_dir / "m.onnx"
+    onnx.save(build(32, [64, 64]).model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.onnx.data", size_threshold=0)  # fmt: skip
+    (model_dir / "m.onnx.data").rename(secret)
+    proto = onnx.load(str(path), load_external_data=False)
+    location = {"parent": "../secret.bin", "absolute": str(secret), "symlink": "link.bin"}[where]
+    if where == "symlink":
+        (model_dir / "link.bin").symlink_to(secret)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(proto, path)
+    before = snapshot(tmp_path)
+    out = graphfuse("fuse", path, "-o", tmp_path / "out.onnx")
+    _one_line_error(out, "is not a plain file inside")
+    assert snapshot(tmp_path) == before

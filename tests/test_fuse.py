@@ -193,3 +193,19 @@ def test_property_fused_equals_parallel_reference(hidden, widths, variant, dtype
     x = probe(hidden, dtype, seed)
     expected = reference(model, x, runs=[(0, len(widths) - 1)])
     assert relative_error(run(fused, x), expected) < TOLERANCE[dtype]
+
+
+def test_graphsurgeon_graph_round_trip() -> None:
+    """TensorRT-side pipelines hold onnx-graphsurgeon Graphs: one in, one out, still exact."""
+    import onnx_graphsurgeon as gs
+
+    synthetic = build(64, [128, 96, 128], attention_after=set())
+    graph = gs.import_onnx(synthetic.model)
+    assert len(graphfuse.inspect(graph).blocks) == 3
+    fused, report = graphfuse.fuse(graph, "all")
+    assert isinstance(fused, gs.Graph) and report.runs_fused == ["0-2"]
+    model = gs.export_onnx(fused)
+    onnx.checker.check_model(model, full_check=True)
+    x = probe(64)
+    expected = reference(synthetic, x.astype(np.float64), [(0, 2)])
+    assert relative_error(run(model, x), expected) <= TOLERANCE["float32"]

@@ -179,3 +179,28 @@ def test_mismatched_shapes_are_named() -> None:
 
     found = graphfuse.inspect(_edit(build(32, [64]).model, shrink))
     assert found.blocks == []
+
+
+def test_inspect_is_never_silent(tmp_path) -> None:
+    """No block found: the output says what was looked for and why each candidate failed."""
+    from graphfuse.cli import main
+
+    def relu(graph):
+        for node in graph.node:
+            if node.op_type == "Sigmoid":  # x·sigmoid(x) → x·relu(x): not SiLU any more
+                node.op_type = "Relu"
+
+    model = _edit(build(64, [128, 128]).model, relu)
+    assert graphfuse.inspect(model).blocks == []
+    path = tmp_path / "relu.onnx"
+    onnx.save(model, path)
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["inspect", str(path)]) == 0
+    text = out.getvalue()
+    assert "0 FFN blocks" in text and "looked for:" in text
+    lines = [ln for ln in text.splitlines() if "the gate activation is not SiLU or GELU" in ln]
+    assert len(lines) == 2  # one per layer
