@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from graphfuse import genai, onnx_io, skip_norm
 from graphfuse.blocks import FfnBlock, NearMiss, find_blocks
+from graphfuse.canonical import canonicalize
 from graphfuse.errors import GraphfuseError
 from graphfuse.graph import GraphIndex
 from graphfuse.runs import Refusal, Run, find_runs
@@ -117,8 +118,12 @@ def inspect(model: ModelLike, base_dir: Path | None = None) -> Inspection:
     """Find the FFN blocks, runs and refusals of a model (a proto or a path); ``base_dir`` is
     where a proto's external data lives."""
     proto, found_dir = _load(model)
+    base_dir = base_dir or found_dir
+    # Constants folded (Constant, CastLike, Identity, shape arithmetic), residual Adds split out
+    # of skip norms: the recogniser sees one spelling. Weights are never read here.
+    proto, _ = canonicalize(proto, base_dir, in_place=not isinstance(model, onnx.ModelProto))
     proto, split = skip_norm.split(proto)
-    g = GraphIndex(proto, base_dir or found_dir)
+    g = GraphIndex(proto, base_dir)
     blocks, misses = find_blocks(g, all_misses=True)
     near = [m for m in misses if m.near]
     runs, refusals = find_runs(g, blocks, near)
@@ -300,6 +305,7 @@ def _transform_file(model, output, transform, check: bool):
     source = Path(model)
     proto = onnx_io.load(source)
     base_dir = onnx_io.model_base_dir(source)
+    proto, _ = canonicalize(proto, base_dir, in_place=True)  # ours: fold without a copy
     out = onnx_io.check_output_path(output, [source, *onnx_io.external_files(proto, base_dir)])
     input_valid = check and onnx_io.validation_error(source) is None
     sink = None

@@ -176,8 +176,10 @@ def _drop_attention(args: argparse.Namespace) -> int:
 @command("check")
 def _check(args: argparse.Namespace) -> int:
     from graphfuse import onnx_io
+    from graphfuse.api import model_path
     from graphfuse.trt_check import check_tensorrt, format_findings
 
+    args.model = model_path(args.model)  # an onnxruntime-genai folder names its model
     onnx_io.load(args.model)  # the one-line errors for unreadable files
     findings = check_tensorrt(args.model, args.trt_version)
     if args.json:
@@ -306,17 +308,21 @@ def _fuse_measured(args: argparse.Namespace) -> int:
 
 @command("analyze")
 def _analyze(args: argparse.Namespace) -> int:
-    from graphfuse import api, method, onnx_io
+    from graphfuse import api, genai, method, onnx_io
     from graphfuse.analysis import dependency_matrix, plot_dependency
 
-    onnx_io.load(args.model)
-    model = onnx.load(args.model)
+    path = api.model_path(args.model)  # an onnxruntime-genai folder names its model
+    onnx_io.load(path)
+    model = onnx.load(path)
     windows = method.windows(args.calib, method.tokenizer(args.tokenizer))
     found = api.inspect(model)
     blocks = None if args.blocks is None else api.parse_indices(args.blocks)
+    batches = method.feeds(windows.calibration[: args.windows])
+    if genai.is_folder(args.model):
+        batches = [genai.prefill_feeds(args.model, model, b["input_ids"]) for b in batches]
     dependency = dependency_matrix(
         model,
-        method.feeds(windows.calibration[: args.windows]),
+        batches,
         blocks=blocks,
         threads=args.threads,
     )

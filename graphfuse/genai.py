@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import onnx
 
 from graphfuse.errors import GraphfuseError
@@ -149,3 +150,24 @@ def _renumber_cache(path: Path, config: dict) -> None:
 
 def _regex(pattern: str) -> str:
     return re.escape(pattern).replace("%d", r"(\d+)")
+
+
+def prefill_feeds(folder: Path, model: onnx.ModelProto, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds for a prefill of ``ids`` [batch, seq] from an empty cache, as the runtime makes them:
+    an all-ones attention mask and [batch, kv_heads, 0, head_size] past tensors; ``ids`` cut to
+    the model's context length."""
+    config = read_config(folder)["model"]
+    decoder = config["decoder"]
+    ids = np.asarray(ids, np.int64)[:, : config.get("context_length")]
+    empty = np.zeros(
+        (len(ids), decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32
+    )
+    feeds = {"input_ids": ids}
+    names = {v.name for v in model.graph.input}
+    if "attention_mask" in names:
+        feeds["attention_mask"] = np.ones_like(ids)
+    patterns = [
+        re.compile(_regex(decoder["inputs"][k])) for k in CACHE_NAMES if k in decoder["inputs"]
+    ]
+    feeds |= {n: empty for n in names if any(p.fullmatch(n) for p in patterns)}
+    return feeds

@@ -12,8 +12,9 @@ single-head self-attention sub-block (Softmax over the sequence) can be placed a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import ml_dtypes
 import numpy as np
@@ -384,3 +385,136 @@ def reference(model: Synthetic, x: np.ndarray, runs: Sequence[tuple[int, int]] =
             x = attend(model.attention[last], x)
         i = last + 1
     return x
+
+
+# -- exporter spellings of the block's constants -------------------------------------------------
+#
+# The same models as `build` makes, with constants spelled the way exporters write them: not as
+# initializers but as `Constant` nodes cast with `CastLike`, ReduceMean axes computed by a
+# `Reshape` of constants, weights read through `Identity`. What the model computes is unchanged,
+# so `reference` still holds; the recogniser only finds the blocks once `graphfuse.canonical`
+# has folded these constants back into initializers.
+
+
+def _initializer_input(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
+    """The position of the one input of ``node`` that is an initializer."""
+    names = {t.name for t in model.graph.initializer}
+    (position,) = (k for k, name in enumerate(node.input) if name in names)
+    return position
+
+
+def _respell(
+    model: onnx.ModelProto, rewrite: dict[str, Callable[[onnx.NodeProto], list[onnx.NodeProto]]]
+) -> onnx.ModelProto:
+    """A copy of ``model`` where each node named in ``rewrite`` is preceded by the nodes its
+    rewrite returns (which may also change the node's inputs); initializers left unused go."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes: list[onnx.NodeProto] = []
+    for node in out.graph.node:
+        if node.name in rewrite:
+            nodes.extend(rewrite[node.name](node))
+        nodes.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    used = {name for node in out.graph.node for name in node.input}
+    kept = [t for t in out.graph.initializer if t.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    return out
+
+
+def _constant_castlike(model: onnx.ModelProto, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """The node's initializer input as ``CastLike(Constant(float64 value), other input)``, as the
+    dynamo exporter writes scalars and gains."""
+    k = _initializer_input(model, node)
+    (tensor,) = (t for t in model.graph.initializer if t.name == node.input[k])
+    value = numpy_helper.to_array(tensor).astype(np.float64)
+    const, cast = f"{node.name}/const", f"{node.name}/castlike"
+    node.input[k] = cast
+    return [
+        helper.make_node(
+            "Constant", [], [const], name=const, value=numpy_helper.from_array(value, const)
+        ),
+        helper.make_node("CastLike", [const, node.input[1 - k]], [cast], name=cast),
+    ]
+
+
+def _axes_from_reshape(model: onnx.ModelProto, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """ReduceMean's axes as ``Reshape(Constant([[-1]]), Constant([1]))``."""
+    p = node.name
+    node.input[1] = f"{p}/axes"
+    return [
+        helper.make_node(
+            "Constant",
+            [],
+            [f"{p}/axes_2d"],
+            name=f"{p}/axes_2d",
+            value=numpy_helper.from_array(np.array([[-1]], np.int64)),
+        ),
+        helper.make_node(
+            "Constant",
+            [],
+            [f"{p}/axes_shape"],
+            name=f"{p}/axes_shape",
+            value=numpy_helper.from_array(np.array([1], np.int64)),
+        ),
+        helper.make_node(
+            "Reshape", [f"{p}/axes_2d", f"{p}/axes_shape"], [f"{p}/axes"], name=f"{p}/axes"
+        ),
+    ]
+
+
+def _identity_weight(model: onnx.ModelProto, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """The node's weight read through an ``Identity`` (what tied or renamed weights export as)."""
+    k = _initializer_input(model, node)
+    alias = f"{node.name}/weight_alias"
+    identity = helper.make_node("Identity", [node.input[k]], [alias], name=alias)
+    node.input[k] = alias
+    return [identity]
+
+
+def _nodes(model: onnx.ModelProto, suffix: str, op_type: str) -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type == op_type and n.name.endswith(suffix)]
+
+
+def constants_as_castlike(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every norm's eps, Pow exponent and gain as ``CastLike(Constant, ·)``."""
+    names = (
+        _nodes(model, "/norm/add_eps", "Add")
+        + _nodes(model, "/norm/pow", "Pow")
+        + _nodes(model, "/norm/gain", "Mul")
+    )
+    return _respell(model, dict.fromkeys(names, partial(_constant_castlike, model)))
+
+
+def axes_from_reshape(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every ReduceMean's axes from a ``Reshape`` of two ``Constant`` nodes."""
+    names = _nodes(model, "/norm/mean", "ReduceMean")
+    return _respell(model, dict.fromkeys(names, partial(_axes_from_reshape, model)))
+
+
+def identity_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every MatMul weight read through an ``Identity``."""
+    names = _nodes(model, "/matmul", "MatMul")
+    return _respell(model, dict.fromkeys(names, partial(_identity_weight, model)))
+
+
+def all_spellings(model: onnx.ModelProto) -> onnx.ModelProto:
+    return identity_weights(axes_from_reshape(constants_as_castlike(model)))
+
+
+# name → rewrite of a `build` model; the recogniser needs `graphfuse.canonical` for each of these.
+SPELLINGS: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {
+    "constant_castlike": constants_as_castlike,
+    "axes_from_reshape": axes_from_reshape,
+    "identity_weights": identity_weights,
+    "all_spellings": all_spellings,
+}
+
+
+def build_spelled(spelling: str, *args, **kwargs) -> Synthetic:
+    """`build(*args, **kwargs)` with its constants spelled as ``SPELLINGS[spelling]`` says."""
+    synthetic = build(*args, **kwargs)
+    synthetic.model = SPELLINGS[spelling](synthetic.model)
+    return synthetic

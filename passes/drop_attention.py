@@ -24,6 +24,7 @@ from onnx import helper
 
 from graphfuse import skip_norm
 from graphfuse.blocks import FfnBlock, find_blocks
+from graphfuse.canonical import canonicalize
 from graphfuse.errors import GraphfuseError
 from graphfuse.graph import ATTENTION_OPS, GraphIndex
 from graphfuse.surgery import rebuild
@@ -120,6 +121,7 @@ def drop_attention(
 ) -> tuple[onnx.ModelProto, DropReport]:
     """Remove the attention of ``layers``; returns the new model and what changed."""
     original = model
+    model, _ = canonicalize(model, base_dir)
     model, split = skip_norm.split(model)
     g = GraphIndex(model, base_dir)
     blocks, _ = find_blocks(g)
@@ -172,6 +174,8 @@ def gate_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[int, s
     """A copy where each layer's attention output is multiplied by a scalar graph input
     ``attention_gate.<layer>`` before its residual Add: feeding 0 removes that attention
     exactly, so one session scores the removal of every layer (the importance scan)."""
+    model, _ = canonicalize(model)
+    model, split = skip_norm.split(model)
     g = GraphIndex(model)
     blocks, _ = find_blocks(g)
     attention = find_attention(g, blocks)
@@ -190,7 +194,7 @@ def gate_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[int, s
         gates[layer] = gate
     del gated.graph.node[:]
     gated.graph.node.extend(nodes)
-    return gated, dict(sorted(gates.items()))
+    return skip_norm.join(gated, split), dict(sorted(gates.items()))
 
 
 def _resolve(rename: dict[str, str], value: str) -> str:

@@ -19,6 +19,7 @@ import onnxruntime as ort
 import pytest
 
 import graphfuse
+from graphfuse import genai
 from graphfuse.api import drop_attention_file, parallel_reference
 from graphfuse.cli import main
 from graphfuse.models import genai_build, smollm2
@@ -85,15 +86,8 @@ def _run_output(model: onnx.ModelProto, value: str, feeds: dict[str, np.ndarray]
 
 
 def _prefill_feeds(model: onnx.ModelProto, folder: Path, tokens: int) -> dict[str, np.ndarray]:
-    decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-    empty = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
-    rng = np.random.default_rng(0)
-    feeds = {
-        "input_ids": rng.integers(0, 49152, (1, tokens)).astype(np.int64),
-        "attention_mask": np.ones((1, tokens), np.int64),
-    }
-    feeds |= {v.name: empty for v in model.graph.input if v.name.startswith("past_key_values")}
-    return feeds
+    ids = np.random.default_rng(0).integers(0, 49152, (1, tokens))
+    return genai.prefill_feeds(folder, model, ids)
 
 
 def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -248,3 +242,32 @@ def test_smollm2_int4_run_equals_parallel_reference(smollm2_int4: Path, tmp_path
     fused_folder = tmp_path / "fused"
     graphfuse.fuse_file(dropped, fused_folder, [(run.first, run.last)])
     assert len(genai_build.generate(fused_folder, "def fibonacci(n):", max_new_tokens=8)) == 8
+
+
+def test_ort_transformers_optimizer_output(tmp_path: Path) -> None:
+    """What optimum ships for Llama-like models: ONNX Runtime's transformers optimizer
+    (model_type gpt2) folds RMSNorm and residual Adds into [Skip]SimplifiedLayerNormalization."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from graphfuse.models.llama import BlockConfig, LlamaLike, LlamaLikeConfig, export_onnx
+
+    on, off = BlockConfig(), BlockConfig(attention=False)
+    exported = export_onnx(
+        LlamaLike(LlamaLikeConfig(layers=3, blocks=(on, off, off))), tmp_path / "m.onnx"
+    )
+    optimized = optimize_model(
+        str(exported), model_type="gpt2", num_heads=4, hidden_size=64, opt_level=0
+    )
+    path = tmp_path / "optimized.onnx"
+    optimized.save_model_to_file(str(path))
+    model = onnx.load(str(path))
+    assert any(n.op_type == "SkipSimplifiedLayerNormalization" for n in model.graph.node)
+    found = graphfuse.inspect(model)
+    assert len(found.blocks) == 3 and [str(r) for r in found.fusable()] == ["0-2"]
+    fused, _ = graphfuse.fuse(model, "all")
+    value = model.graph.output[0].name  # the logits: the run ends in the final norm
+    feeds = {"input_ids": np.random.default_rng(0).integers(0, 256, (1, 12)).astype(np.int64)}
+    expected = _run_output(parallel_reference(found, [Run(0, 2)]), value, feeds)
+    assert _relative_error(_run_output(fused, value, feeds), expected) <= TOLERANCE["fp32"]
+    # (no onnx.checker here: ONNX Runtime writes SimplifiedLayerNormalization into the ONNX
+    # domain, which the checker rejects in the optimizer's own output too)
