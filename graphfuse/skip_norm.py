@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import helper
 
+from graphfuse.surgery import empty_like
+
 SKIP = "SkipSimplifiedLayerNormalization"
 PLAIN = "SimplifiedLayerNormalization"
 TAG = "graphfuse.skip_norm"  # the doc_string of split halves
@@ -127,8 +129,6 @@ def _original_by_name(done: Split, norm: onnx.NodeProto) -> onnx.NodeProto | Non
 
 def _with_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
     """A copy of ``model`` with ``nodes`` (weights shared, not copied)."""
-    from graphfuse.surgery import empty_like
-
     out = empty_like(model)
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(model.graph.initializer)

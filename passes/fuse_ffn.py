@@ -284,13 +284,9 @@ def _joined_down(
                 accuracy_level=q.accuracy_level,
             )
         )  # fmt: skip
-    if any(b.down.bias for b in run):
-        bias = sum(
-            (_bias(g, b.down.bias, b.hidden).astype(np.float32) for b in run),
-            np.zeros(run[0].hidden, np.float32),
-        )
-        dtype = _np_dtype(g, run[0].gate.weight)
-        tensors.append(sink.tensor(f"{prefix}/down_bias", bias.astype(dtype)))
+    bias = _wide_biases(g, run, _np_dtype(g, run[0].gate.weight)).get("down")
+    if bias is not None:
+        tensors.append(sink.tensor(f"{prefix}/down_bias", bias))
         added = f"{prefix}/down_bias_add"
         nodes.append(helper.make_node("Add", [y, f"{prefix}/down_bias"], [added], name=added,
                                       doc_string=doc))  # fmt: skip

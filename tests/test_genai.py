@@ -28,7 +28,7 @@ from graphfuse.runs import Run
 LAYERS = 6
 DROPPED = "2-4"  # attention removed in layers 2, 3, 4: FFN blocks 1..4 form one run
 RUN = Run(1, 4)
-BUILDS = [(arch, p) for arch in ("llama", "qwen2", "mistral") for p in ("fp32", "int4")]
+BUILDS = [(arch, p) for arch in ("llama", "qwen2", "mistral", "gemma") for p in ("fp32", "int4")]
 
 
 @pytest.fixture(scope="session")
