@@ -399,6 +399,7 @@ def plot_dependency(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     n = len(dep.blocks)
     values = dep.matrix[np.isfinite(dep.matrix)]
@@ -430,11 +431,12 @@ def plot_dependency(
     diag.semilogy(dep.blocks, dep.io_cosine_distance, "o-", label="cos-distance(f(X), X)")
     diag.semilogy(dep.blocks, dep.relative_norm, "s-", label="‖h(X)‖ / ‖X‖")
     diag.set_xlabel("block")
+    diag.xaxis.set_major_locator(MaxNLocator(integer=True))  # blocks, not fractions of one
     diag.set_title("per-block diagnostics")
     diag.legend(fontsize=8)
     diag.grid(True, which="both", alpha=0.3)
 
     path = Path(path_png)
     with onnx_io.atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")  # no clipped labels
     return path
