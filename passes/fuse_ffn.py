@@ -27,7 +27,7 @@ topological (the new nodes take the place of the run's last residual Add).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ml_dtypes
 import numpy as np
@@ -35,8 +35,9 @@ import onnx
 from onnx import helper
 
 from graphfuse.blocks import FfnBlock, Weight, weight_dtype
+from graphfuse.errors import GraphfuseError
 from graphfuse.graph import GraphIndex
-from graphfuse.nbits import join_along_k
+from graphfuse.nbits import join_along_k, quantize, unpack
 from graphfuse.onnx_io import TensorSink
 from graphfuse.surgery import rebuild
 
@@ -58,17 +59,25 @@ def fuse_ffn_runs(
     sink: TensorSink | None = None,
     progress=None,
     pack: bool = False,
+    downs: dict[tuple[int, int], np.ndarray] | None = None,
+    requantize: bool = False,
 ) -> tuple[onnx.ModelProto, list[FusedRun]]:
     """Return a new model with every run in ``runs`` fused; ``g`` indexes the input model.
 
-    ``pack``: gate and up as one MatMul followed by Split (else two MatMuls)."""
+    ``pack``: gate and up as one MatMul followed by Split (else two MatMuls). ``downs``: float32
+    [ΣI, H] down projections to use instead of the join, by (first, last) block (a repair's
+    refit, from a plan); quantised projections are requantised by onnxruntime's quantiser.
+    ``requantize``: quantised gate/up weights are dequantised, γ-folded, concatenated and
+    requantised (one shared norm, one gate and one up MatMulNBits: faster, not exact) instead
+    of kept per branch (exact)."""
     sink = sink or TensorSink()
     replaced: dict[int, list[onnx.NodeProto]] = {}  # anchor node -> the nodes that replace it
     removed: set[int] = set()
     new_tensors: list[onnx.TensorProto] = []
     fused: list[FusedRun] = []
     for run in runs:
-        replacement, tensors = _fuse_run(g, run, sink, pack)
+        down = (downs or {}).get((run[0].index, run[-1].index))
+        replacement, tensors = _fuse_run(g, run, sink, pack, down, requantize)
         replaced[run[-1].residual_add] = replacement
         removed.update(*(b.nodes for b in run))
         new_tensors.extend(tensors)
@@ -91,9 +100,20 @@ def fuse_ffn_runs(
 
 
 def _fuse_run(
-    g: GraphIndex, run: list[FfnBlock], sink: TensorSink, pack: bool
+    g: GraphIndex,
+    run: list[FfnBlock],
+    sink: TensorSink,
+    pack: bool,
+    down: np.ndarray | None,
+    requantize: bool = False,
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     first, last = run[0], run[-1]
+    width = sum(b.intermediate for b in run)
+    if down is not None and down.shape != (width, first.hidden):
+        raise GraphfuseError(
+            f"the down projection given for blocks {first.index}-{last.index} is "
+            f"{list(down.shape)}, not [{width}, {first.hidden}]: it was made for another model"
+        )
     prefix = f"graphfuse/ffn{first.index}-{last.index}"
     doc = f"{RULE}: FFN blocks {first.index}-{last.index} as one wide FFN"
     names: dict[str, str] = {first.residual_in: first.residual_in}
@@ -121,8 +141,9 @@ def _fuse_run(
             copy.doc_string = doc
             nodes.append(copy)
 
-    if any(p.weight.quant for b in run for p in (b.gate, b.up, b.down)):
-        y = _per_branch_ffn(g, run, prefix, doc, nodes, tensors, sink)
+    quant = first.gate.weight.quant
+    if any(p.weight.quant for b in run for p in (b.gate, b.up, b.down)) and not requantize:
+        y = _per_branch_ffn(g, run, prefix, doc, nodes, tensors, sink, down)
     else:
         # n̂: block 1's norm with its gains removed (a gain Mul is skipped; a norm op's scale
         # becomes ones).
@@ -141,10 +162,10 @@ def _fuse_run(
         z = names[norm.output]
 
         dtype = _np_dtype(g, first.gate.weight)
-        gate_w, up_w, down_w = _wide_weights(g, run, dtype)
+        gate_w, up_w = _wide_weights(g, run, dtype)
         biases = _wide_biases(g, run, dtype)
         if pack:  # one [H, 2ΣI] GEMM, then Split: gate and up read the same z
-            weights = {"gate_up": np.concatenate([gate_w, up_w], axis=1), "down": down_w}
+            weights = {"gate_up": np.concatenate([gate_w, up_w], axis=1)}
             if "gate" in biases or "up" in biases:
                 width = gate_w.shape[1]
                 zeros = np.zeros(width, dtype)
@@ -152,13 +173,34 @@ def _fuse_run(
                     [biases.pop("gate", zeros), biases.pop("up", zeros)]
                 )
         else:
-            weights = {"gate": gate_w, "up": up_w, "down": down_w}
+            weights = {"gate": gate_w, "up": up_w}
+        shapes = {role: array.shape for role, array in weights.items()}
         for role, array in weights.items():
-            tensors.append(sink.tensor(f"{prefix}/{role}_weight", array))
-        del gate_w, up_w, down_w, weights  # the sink holds them now (on disk when streaming)
+            if quant is None:
+                tensors.append(sink.tensor(f"{prefix}/{role}_weight", array))
+                continue
+            layout = replace(quant, k=array.shape[0], n=array.shape[1])
+            zero_points = quant.zero_points is not None
+            packed, scales, zp = quantize(
+                array, layout, zero_points=zero_points, scales_dtype=dtype
+            )
+            tensors.append(sink.tensor(f"{prefix}/{role}_weight", packed))
+            tensors.append(sink.tensor(f"{prefix}/{role}_scales", scales))
+            if zp is not None:
+                tensors.append(sink.tensor(f"{prefix}/{role}_zero_points", zp))
+        del gate_w, up_w, weights  # the sink holds them now (on disk when streaming)
 
         def project(x: str, role: str) -> str:
-            y = emit("MatMul", [x, f"{prefix}/{role}_weight"], f"{role}_matmul")
+            if quant is None:
+                y = emit("MatMul", [x, f"{prefix}/{role}_weight"], f"{role}_matmul")
+            else:
+                inputs = [x, f"{prefix}/{role}_weight", f"{prefix}/{role}_scales"]
+                if quant.zero_points is not None:
+                    inputs.append(f"{prefix}/{role}_zero_points")
+                k, n = shapes[role]
+                y = emit("MatMulNBits", inputs, f"{role}_matmul", domain="com.microsoft", K=k,
+                         N=n, bits=quant.bits, block_size=quant.block_size,
+                         accuracy_level=quant.accuracy_level)  # fmt: skip
             if role in biases:
                 tensors.append(sink.tensor(f"{prefix}/{role}_bias", biases[role]))
                 y = emit("Add", [y, f"{prefix}/{role}_bias"], f"{role}_bias_add")
@@ -179,7 +221,7 @@ def _fuse_run(
             up = project(z, "up")
         copy_island(first.activation_nodes)
         product = emit("Mul", [names[first.activation_output], up], "product")
-        y = project(product, "down")
+        y = _joined_down(g, run, product, prefix, doc, nodes, tensors, sink, down)
     for at in reversed(last.down_casts):
         cast = onnx.NodeProto()
         cast.CopyFrom(g.node(at))
@@ -208,6 +250,7 @@ def _per_branch_ffn(
     nodes: list[onnx.NodeProto],
     tensors: list[onnx.TensorProto],
     sink: TensorSink,
+    down: np.ndarray | None = None,
 ) -> str:
     """The exact form for quantised weights: per-branch norm and gate/up, one joined down.
 
@@ -241,7 +284,7 @@ def _per_branch_ffn(
     nodes.append(
         helper.make_node("Concat", products, [joined], name=joined, axis=-1, doc_string=doc)
     )
-    return _joined_down(g, run, joined, prefix, doc, nodes, tensors, sink)
+    return _joined_down(g, run, joined, prefix, doc, nodes, tensors, sink, down)
 
 
 def _joined_down(
@@ -253,12 +296,17 @@ def _joined_down(
     nodes: list[onnx.NodeProto],
     tensors: list[onnx.TensorProto],
     sink: TensorSink,
+    refit: np.ndarray | None = None,
 ) -> str:
-    """One down projection over the joined hidden features: [W2₁; …; W2ₖ], biases summed."""
+    """One down projection over the joined hidden features: [W2₁; …; W2ₖ], biases summed;
+    ``refit`` (float32 [ΣI, H]) instead of the join when given, requantised if quantised."""
     first = run[0].down.weight
     y = f"{prefix}/down_matmul"
     if first.quant is None:
-        down = np.concatenate([b.down.weight.load(g) for b in run], axis=0)
+        if refit is None:
+            down = np.concatenate([b.down.weight.load(g) for b in run], axis=0)
+        else:
+            down = refit.astype(_np_dtype(g, first))
         tensors.append(sink.tensor(f"{prefix}/down_weight", down))
         nodes.append(helper.make_node("MatMul", [x, f"{prefix}/down_weight"], [y], name=y,
                                       doc_string=doc))  # fmt: skip
@@ -270,6 +318,18 @@ def _joined_down(
             zero_points = g.constant(q.zero_points) if q.zero_points else None
             parts.append((g.constant(b.down.weight.name), g.constant(q.scales), zero_points, q))
         packed, scales, zero_points = join_along_k(parts)  # type: ignore[arg-type]
+        if refit is not None:  # the join's layout (ranks, dtypes), the refit's values
+            joined = replace(parts[0][3], k=refit.shape[0])
+            new = quantize(refit, joined, zero_points=zero_points is not None,
+                           scales_dtype=scales.dtype)  # fmt: skip
+            packed = new[0].reshape(packed.shape)
+            scales = new[1].reshape(scales.shape)
+            if zero_points is not None:
+                assert new[2] is not None
+                zp = new[2]
+                if zero_points.dtype != np.uint8:  # stored as values of the scales' type
+                    zp = unpack(zp, joined.bits, joined.blocks).astype(zero_points.dtype)
+                zero_points = zp.reshape(zero_points.shape)
         inputs = [x, f"{prefix}/down_weight", f"{prefix}/down_scales"]
         tensors.append(sink.tensor(inputs[1], packed))
         tensors.append(sink.tensor(inputs[2], scales))
@@ -311,14 +371,13 @@ def gain_of(g: GraphIndex, block: FfnBlock) -> np.ndarray:
 
 def _wide_weights(
     g: GraphIndex, run: list[FfnBlock], dtype: np.dtype
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """[diag(γ₁)W1₁ | … ], [diag(γ₁)W3₁ | … ], [W2₁; …], filled block by block so that only
-    one block's weights are in flight beside the result."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """[diag(γ₁)W1₁ | … ] and [diag(γ₁)W3₁ | … ] (quantised weights dequantised), filled block
+    by block so that only one block's weights are in flight beside the result."""
     hidden = run[0].hidden
     width = sum(b.intermediate for b in run)
     gate = np.empty((hidden, width), dtype)
     up = np.empty((hidden, width), dtype)
-    down = np.empty((width, hidden), dtype)
     at = 0
     for block in run:
         gamma = gain_of(g, block)[:, None]
@@ -326,9 +385,8 @@ def _wide_weights(
         # γ is folded in float32 and rounded once to the weights' dtype.
         gate[:, cols] = (gamma * block.gate.weight.load(g).astype(np.float32)).astype(dtype)
         up[:, cols] = (gamma * block.up.weight.load(g).astype(np.float32)).astype(dtype)
-        down[cols, :] = block.down.weight.load(g)
         at += block.intermediate
-    return gate, up, down
+    return gate, up
 
 
 def _wide_biases(g: GraphIndex, run: list[FfnBlock], dtype: np.dtype) -> dict[str, np.ndarray]:

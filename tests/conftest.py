@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from graphfuse import text
-from graphfuse.models import smollm2
+from graphfuse.api import drop_attention_file
+from graphfuse.models import genai_build, smollm2
+
+# Small onnxruntime-genai builds (random weights, SmolLM2's tokenizer), one per (architecture,
+# precision) and test session.
+LAYERS = 6
+DROPPED = "2-4"  # attention removed in layers 2, 3, 4: FFN blocks 1..4 form one run
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +47,41 @@ def decoder_onnx(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="session")
 def windows(model_and_tokenizer) -> text.TokenWindows:
     return text.make_windows(model_and_tokenizer[1])
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return genai_build.save_tokenizer(
+        smollm2.load_tokenizer(cache_dir), tmp_path_factory.mktemp("tokenizer")
+    )
+
+
+@pytest.fixture(scope="session")
+def genai_folder(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One builder run per (architecture, precision), shared by the whole session."""
+    built: dict[tuple[str, str], Path] = {}
+
+    def get(arch: str, precision: str) -> Path:
+        if (arch, precision) not in built:
+            root = tmp_path_factory.mktemp(f"genai-{arch}")
+            hf = genai_build.tiny_hf_folder(
+                arch, root / "hf", tokenizer_dir, num_hidden_layers=LAYERS
+            )
+            built[(arch, precision)] = genai_build.build(hf, root / precision, precision)
+        return built[(arch, precision)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def dropped(genai_folder, tmp_path_factory: pytest.TempPathFactory):
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(arch: str, precision: str) -> Path:
+        if (arch, precision) not in made:
+            out = tmp_path_factory.mktemp("dropped") / f"{arch}-{precision}"
+            drop_attention_file(genai_folder(arch, precision), out, DROPPED)
+            made[(arch, precision)] = out
+        return made[(arch, precision)]
+
+    return get

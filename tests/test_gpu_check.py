@@ -126,6 +126,18 @@ def test_layout_under_plan_with_extra_keys_is_accepted(gpu_check: ModuleType) ->
     assert gpu_check.parse_layout(gpu_check.DEMO_PLAN).ffn_stages == 20
 
 
+def test_a_graphfuse_plan_is_a_layout(gpu_check: ModuleType, tmp_path: Path) -> None:
+    """The plan.json the demo writes (graphfuse.plan) is read as it is."""
+    from graphfuse import plan as plans
+
+    source = plans.Source(30, 576, (1536,) * 30, "0" * 16)
+    plan = plans.Plan(source, [4, 5, 9], [plans.RunPlan(3, 5), plans.RunPlan(8, 9)])
+    path = plans.save(plan, tmp_path / "plan.json")
+    layout = gpu_check.parse_layout(json.loads(path.read_text()))
+    assert layout.fused_runs == ((3, 5), (8, 9)) and layout.attention_removed == {4, 5, 9}
+    assert (layout.num_layers, layout.hidden, layout.intermediate) == (30, 576, 1536)
+
+
 def test_stack_variants_follow_the_layout(gpu_check: ModuleType) -> None:
     layout = gpu_check.parse_layout(_layout())
     factory = gpu_check.Factory(torch.device("cpu"), torch.float32)

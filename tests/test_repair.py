@@ -1,15 +1,29 @@
-"""The repair maths on cases with a known least-squares answer, then on a fused model."""
+"""The repair maths on cases with a known least-squares answer, then on a fused model: its
+hidden activations, its down weight read and written in every format (float, MatMulNBits), the
+fit. onnxruntime-genai builds: tests/test_repair_genai.py."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 import graphfuse
+from graphfuse import nbits
+from graphfuse.blocks import Quant
 from graphfuse.errors import GraphfuseError
-from graphfuse.models.synthetic import build, reference
-from graphfuse.repair import RidgeAccumulator, fit, repair_runs
+from graphfuse.models.synthetic import BlockWeights, Variant, act, build, reference
+from graphfuse.repair import (
+    DownProjection,
+    RidgeAccumulator,
+    _cut,
+    down_weight,
+    fit,
+    repair_runs,
+    set_down_weight,
+)
 
 
 def _feeds(rng: np.random.Generator, count: int, batch: int) -> list[dict[str, np.ndarray]]:
@@ -157,3 +171,98 @@ def test_repair_against_a_reference_model_fits_the_reference() -> None:
     with pytest.raises(GraphfuseError, match="FFN blocks"):
         repair_runs(model.model, [(0, 2)], calibration, validation, progress=False,
                     reference=build(32, [64] * 4, seed=9).model)  # fmt: skip
+
+
+def _hidden(w: BlockWeights, x: np.ndarray, activation: str) -> np.ndarray:
+    """act(n(x) W1 + b1) ⊙ (n(x) W3 + b3) of one block, in float64."""
+    f = lambda a: 0.0 if a is None else a.astype(np.float64)  # noqa: E731
+    x = x.astype(np.float64)
+    z = f(w.gain) * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + w.eps)
+    return act(activation, z @ f(w.gate) + f(w.gate_bias)) * (z @ f(w.up) + f(w.up_bias))
+
+
+def test_hidden_activations_are_what_the_wide_ffn_computes() -> None:
+    """H, the input of each fused down projection, comes from ONNX Runtime on the fused model cut
+    at the runs' inputs X; it equals [H₁ | … | Hₖ], each block's own hidden activations on X."""
+    model = build(32, [64, 48, 64, 32, 64], variant=Variant(bias=True), seed=7)
+    runs = [(0, 2), (3, 4)]
+    fused, _ = graphfuse.fuse(model.model, runs)
+    blocks = graphfuse.inspect(model.model).blocks
+    inputs = [blocks[a].residual_in for a, _ in runs]
+    hidden = [DownProjection(fused, a, b).hidden for a, b in runs]
+    cut = _cut(fused, dict.fromkeys(inputs, TensorProto.FLOAT), hidden)
+    assert "graphfuse/ffn0-2/residual" not in {n.name for n in cut.graph.node}  # 3-4's X: fed
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((2, 16, 32)).astype(np.float32) for _ in runs]  # any X, each run
+    session = ort.InferenceSession(cut.SerializeToString(), providers=["CPUExecutionProvider"])
+    for (a, b), x, h in zip(
+        runs, xs, session.run(None, dict(zip(inputs, xs, strict=True))), strict=True
+    ):
+        expected = np.concatenate(
+            [_hidden(model.blocks[i], x, model.activation) for i in range(a, b + 1)], axis=-1
+        )
+        assert np.max(np.abs(h - expected)) <= 1e-5 * np.max(np.abs(expected))
+
+
+def test_a_cut_needing_more_than_the_run_inputs_is_refused() -> None:
+    model = build(32, [64] * 3, seed=1)
+    fused, _ = graphfuse.fuse(model.model, [(1, 2)])
+    hidden = [DownProjection(fused, 1, 2).hidden]
+    with pytest.raises(GraphfuseError, match="depend on 'x'"):  # block 1's input was not given
+        _cut(fused, {}, hidden)
+    with pytest.raises(GraphfuseError, match="'nowhere' is not a value"):
+        _cut(fused, {"nowhere": TensorProto.FLOAT}, hidden)
+    with pytest.raises(GraphfuseError, match="no fused run 0-1"):
+        DownProjection(fused, 0, 1)
+
+
+def _nbits_down(zero_points: str | None, flat: bool, k: int = 64, n: int = 32) -> onnx.ModelProto:
+    """A fused run's down projection alone, y = MatMulNBits(h) with 4-bit blocks of 16 along K:
+    no zero points, uint8-packed ones, or ones in the scales' type; scales [N, K/16] or flat."""
+    quant = Quant("scales", None, 4, 16, 0, k, n)
+    w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
+    b, scales, zp = nbits.quantize(w, quant, zero_points=zero_points is not None)
+    if zero_points == "float":
+        zp = nbits.zero_point_codes(zp, quant).astype(np.float32)
+    if flat:
+        scales, zp = scales.reshape(-1), None if zp is None else zp.reshape(-1)
+    prefix = "graphfuse/ffn0-1"
+    arrays = {f"{prefix}/down_weight": b, f"{prefix}/down_scales": scales}
+    if zp is not None:
+        arrays[f"{prefix}/down_zero_points"] = zp
+    node = helper.make_node("MatMulNBits", ["h", *arrays], ["y"], name=f"{prefix}/down_matmul",
+                            domain="com.microsoft", K=k, N=n, bits=4, block_size=16,
+                            accuracy_level=0)  # fmt: skip
+    graph = helper.make_graph(
+        [node],
+        "down",
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["n", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", n])],
+        [numpy_helper.from_array(a, name) for name, a in arrays.items()],
+    )
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+@pytest.mark.parametrize(
+    ("zero_points", "flat"), [(None, False), ("uint8", True), ("uint8", False), ("float", False)]
+)
+def test_set_down_weight_requantizes_a_matmulnbits(zero_points: str | None, flat: bool) -> None:
+    """A float fit written into a MatMulNBits down projection: requantised in the layout it had
+    (shapes, ranks, dtypes), each weight within one step of its block's scale of the fit (round
+    to nearest), and ONNX Runtime computes with exactly the weight that is returned."""
+    model = _nbits_down(zero_points, flat)
+    layout = [(t.name, list(t.dims), t.data_type) for t in model.graph.initializer]
+    w = np.random.default_rng(1).standard_normal((64, 32)).astype(np.float32)
+    stored = set_down_weight(model, 0, 1, w)
+    assert [(t.name, list(t.dims), t.data_type) for t in model.graph.initializer] == layout
+    assert np.array_equal(down_weight(model, 0, 1), stored)
+    down = DownProjection(model, 0, 1)
+    scales = numpy_helper.to_array(down.tensors[1]).reshape(32, -1)
+    step = np.abs(np.repeat(scales, 16, axis=1).T)  # [K, N]: each weight's block scale (±)
+    assert np.all(np.abs(stored - w) <= step * (1 + 1e-6))
+    assert 0 < np.linalg.norm(stored - w) / np.linalg.norm(w) < 0.1
+    h = np.random.default_rng(2).standard_normal((5, 64)).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = session.run(None, {"h": h})[0]
+    assert np.max(np.abs(y - h @ stored)) <= 1e-5 * np.max(np.abs(y))

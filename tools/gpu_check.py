@@ -56,8 +56,8 @@ EPS = 1e-5
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 DEMO_PLAN: dict[str, Any] = {
     "num_layers": 30, "hidden": 576, "intermediate": 1536, "heads": 9, "kv_heads": 3,
-    "attention_removed": [3, 4, 5, 6, 7, 9, 10, 12, 17, 22, 25, 26, 28],
-    "fused_runs": [[3, 4], [5, 7], [9, 10], [11, 12], [16, 17], [21, 22], [24, 26], [27, 28]],
+    "attention_removed": [3, 6, 7, 9, 14, 17, 22, 25, 26, 28],
+    "fused_runs": [[2, 3], [5, 7], [8, 9], [13, 14], [16, 17], [21, 22], [24, 26], [27, 28]],
 }  # fmt: skip
 
 
@@ -81,10 +81,28 @@ class Layout:
         return self.num_layers - sum(b - a for a, b in self.fused_runs)
 
 
+def _from_plan(plan: dict) -> dict:
+    """The layout keys of a graphfuse plan (graphfuse.plan: `graphfuse demo` writes plan.json);
+    head counts are not in a plan and keep SmolLM2's."""
+    try:
+        source = plan["source"]
+        widths = set(source["intermediate"])
+        return {
+            "num_layers": source["layers"], "hidden": source["hidden"],
+            "intermediate": widths.pop() if len(widths) == 1 else None,
+            "attention_removed": plan["attention_removed"],
+            "fused_runs": [r["layers"] for r in plan["runs"]],
+        }  # fmt: skip
+    except (KeyError, TypeError) as e:
+        raise UsageError(f"layout: the plan lacks or mangles {e}") from None
+
+
 def parse_layout(raw: Any) -> Layout:
     """Reads and validates a plan; the same keys may sit under "plan", extra keys are ignored."""
     if isinstance(raw, dict) and isinstance(raw.get("plan"), dict):
         raw = raw["plan"]
+    if isinstance(raw, dict) and raw.get("schema") == "graphfuse.plan":  # a plan.json
+        raw = _from_plan(raw)
     if not isinstance(raw, dict) or "fused_runs" not in raw:
         raise UsageError('layout: expected an object with "fused_runs" (or one under "plan")')
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import onnx
 
 from graphfuse import api, evaluate, method
-from graphfuse.demo import exported
 from graphfuse.method import session
 from graphfuse.models import smollm2
 from graphfuse.passes.drop_attention import drop_attention
@@ -32,6 +31,14 @@ BRIEF = {  # run: (attention removed only, + fused, + fused and repaired), PyTor
     "14-17": (20.51, 35.02, 22.21),
     "24-28": (24.39, 26347, 26.20),
 }
+
+
+def exported(cache: Path, name: str, export) -> Path:
+    """An export of SmolLM2, made once and kept in the cache."""
+    path = cache / f"smollm2-{name}-v{smollm2.EXPORT_VERSION}.onnx"
+    if not path.is_file():
+        export(path, cache)
+    return path
 
 
 def torch_perplexity(windows, without_attention: list[int] = ()) -> float:  # type: ignore[assignment]

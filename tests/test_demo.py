@@ -1,0 +1,41 @@
+"""`graphfuse demo --quick`, the README's main job in small, on the real SmolLM2-135M: the
+onnxruntime-genai int4 build, the pipeline, the plan and the folders rebuilt from it, generation
+and timing in onnxruntime-genai, and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from graphfuse import plan as plans
+from graphfuse.cli import main
+
+
+@pytest.mark.slow
+def test_demo_quick(cache_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--cache", str(cache_dir)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    scores = report["pipeline"]["scores"]
+    assert set(scores) == {"original", "attention removed", "final"}
+    assert report["pipeline"]["stages"]["final"] == 28  # run 24-26 fused
+    for by_text in scores.values():
+        for s in by_text.values():
+            assert 1 < s["perplexity"] < 1000 and 0 < s["agreement"] <= 1
+    assert {t["digest"] for t in report["texts"].values()}.__len__() == 3
+    plan = plans.load(out / "plan.json")
+    assert plan.attention_removed == [25, 26] and [(r.first, r.last) for r in plan.runs] == [
+        (24, 26)
+    ]
+    for name in ("original", "attention removed", "fused + healed"):
+        folder = Path(report["folders"][name])
+        assert (folder / "genai_config.json").is_file()
+        assert all(isinstance(t, str) and t for t in report["generations"][name])
+    timing = report["latency"]
+    assert timing["table"] and (out / "latency.png").stat().st_size > 10_000
+    assert (out / "dependency.png").stat().st_size > 10_000
+    text = (out / "report.md").read_text()
+    assert "| fused + healed | 28 |" in text and "test" in text
+    assert "Amdahl bound" in report["latency"]["table"]
