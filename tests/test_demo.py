@@ -39,3 +39,16 @@ def test_demo_quick(cache_dir: Path, tmp_path: Path) -> None:
     text = (out / "report.md").read_text()
     assert "| fused + healed | 28 |" in text and "test" in text
     assert "Amdahl bound" in report["latency"]["table"]
+
+
+def test_demo_refuses_bad_text_before_any_work(tmp_path: Path, capsys) -> None:
+    empty, binary = tmp_path / "empty.txt", tmp_path / "binary.txt"
+    empty.write_text("  \n")
+    binary.write_bytes(b"\x00\x01\x02 text")
+    for bad, why in ((empty, "is empty"), (binary, "binary")):
+        out = tmp_path / f"demo-{bad.stem}"
+        assert main(["demo", "--text", str(bad), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert why in err and "\n" not in err and not out.exists()
+    assert main(["demo", "--layers", "0,3", "--out", str(tmp_path / "x")]) == 2
+    assert "1-29" in capsys.readouterr().err

@@ -84,3 +84,16 @@ def test_run_heals_scores_and_plans(pipe: pipeline.Pipeline, genai_folder, tmp_p
 def test_sessions_run_on_the_cpu(pipe: pipeline.Pipeline) -> None:
     session = pipeline.Sessions(threads=1)(pipe.model)
     assert session.get_providers()[0] == "CPUExecutionProvider"
+
+
+def test_depth_quality_curve(pipe: pipeline.Pipeline, tmp_path: Path) -> None:
+    """Each point removes attention in the order given until its stage count is met."""
+    from graphfuse.demo import _plot_curve
+
+    points = pipe.curve([3, 2, 5], [5, 4])
+    assert [p["stages"] for p in points] == [5, 4]
+    assert [p["layers"] for p in points] == [[3], [2, 3]]
+    assert all(np.isfinite(p["test_perplexity"]) for p in points)
+    png = tmp_path / "curve.png"
+    _plot_curve(points, {"test": 10.0, "in_domain": 12.0}, 4, png)
+    assert png.stat().st_size > 10_000
