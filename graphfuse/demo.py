@@ -290,9 +290,10 @@ def _amdahl_line(b: dict[str, float]) -> str:
     )
 
 
-# Seconds each step may take in the full demo on a 2-core laptop; the report flags overruns.
-BUDGET = {"build": 60, "text": 15, "scan": 120, "pipeline": 200, "apply": 10, "generate": 20,
-          "latency": 130, "report": 5}  # fmt: skip
+# Seconds each step may take in the full demo on a 2-core laptop (scan: the single-layer scan
+# and the re-rank), and the whole run; the report flags overruns.
+BUDGET = {"build": 45, "text": 15, "scan": 170, "pipeline": 190, "apply": 10, "generate": 15,
+          "latency": 110, "report": 5, "total": 480}  # fmt: skip
 
 
 def _generate(folder: Path, prompt: str, new: int = 24) -> str:
@@ -383,7 +384,7 @@ def _write(report: DemoReport, out: Path) -> None:
     over = [k for k, v in report.seconds.items() if k in BUDGET and v > BUDGET[k]]
     lines += ["", "Seconds per step (budget): " + ", ".join(
         f"{k} {v:g} ({BUDGET[k]})" for k, v in report.seconds.items() if k in BUDGET
-    ) + f"; total {report.seconds.get('total', 0):g}."]  # fmt: skip
+    ) + "."]  # fmt: skip
     if over and report.config.get("quick") == "False":
         lines.append(f"Over budget: {', '.join(over)}.")
     (out / "report.md").write_text("\n".join(lines) + "\n")
