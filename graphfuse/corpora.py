@@ -10,7 +10,7 @@ comes in three sets drawn from different sources on this machine, never sharing 
                  ``--calib`` files; the repair is fitted on it
     validation   the GNU manuals in /usr/share/info and, when the test set does not take it,
                  the Python language reference (``pydoc_data/topics.py``); used to choose the
-                 ridge λ, shrinkage toward the plain repair or fewer fitted columns
+                 ridge λ and the shrinkage toward the plain repair
     test         the Vim user manual (/usr/share/vim/vim*/doc/usr_*.txt): tutorial prose about
                  a text editor, the furthest from the calibration text of what the machine
                  holds (there is no fiction on it); where Vim's runtime files are absent, the

@@ -364,6 +364,7 @@ def plot(report: LatencyReport, png_path: str | Path) -> Path:
 __all__ = [
     "LatencyReport",
     "Result",
+    "amdahl",
     "compare",
     "decode_seconds",
     "default_threads",

@@ -129,3 +129,15 @@ def test_refusals(genai_folder, tmp_path: Path) -> None:
         genai_latency.load(tmp_path, None)
     with pytest.raises(GraphfuseError, match="threads must be"):
         genai_latency.load(folder, 0)
+
+
+def test_amdahl_from_the_per_node_profile(folders) -> None:
+    """The fused run's nodes replace the blocks' nodes: the profile sees both sides, and the
+    bound follows from them as Amdahl's law says."""
+    names = list(folders)
+    b = genai_latency.amdahl(folders[names[1]], folders["fused"], past=8, steps=5)
+    assert b["segments_ms_removed"] > 0 and b["segments_ms_fused"] > 0
+    assert 0 < b["segment_share"] < 1
+    saved = b["segments_ms_removed"] - b["segments_ms_fused"]
+    assert b["bound"] == pytest.approx(b["step_ms_removed"] / (b["step_ms_removed"] - saved))
+    assert math.isfinite(b["measured"]) and b["measured"] > 0
