@@ -1,8 +1,8 @@
-"""The measured pipeline, once: scan → drop → analyse → select → fuse → heal → evaluate → plan.
+"""The measured pipeline, once: scan → choose → drop → analyse → fuse → heal → evaluate → plan.
 
     pipe = Pipeline(model, windows, Settings(target_stages=20))
     costs = pipe.scan()                         # perplexity ratio of removing each attention
-    layers = pipe.choose(costs)                 # the cheapest, as many as the target needs
+    layers = pipe.choose(costs)                 # the cheapest together, for the target depth
     result = pipe.run(layers)                   # removal, dependency, runs, healing, scores
     plans.save(result.plan, "plan.json")        # and `graphfuse apply` rebuilds it anywhere
 
