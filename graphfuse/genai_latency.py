@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from graphfuse import genai
 from graphfuse.errors import GraphfuseError
-from graphfuse.latency import TimingStats
+from graphfuse.latency import TimingStats, dump_json
 
 KINDS = ("decode", "prefill")
 
@@ -160,10 +160,7 @@ class LatencyReport:
         return data
 
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.as_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
+        return dump_json(self.as_dict(), path)
 
 
 def compare(

@@ -435,10 +435,15 @@ class LatencyReport:
         return data
 
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.as_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
+        return dump_json(self.as_dict(), path)
+
+
+def dump_json(data: dict[str, Any], path: str | Path | None = None) -> str:
+    """A report as indented JSON, also written to ``path`` when given."""
+    text = json.dumps(data, indent=2)
+    if path is not None:
+        Path(path).write_text(text + "\n")
+    return text
 
 
 def time_pairs(
