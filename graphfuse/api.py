@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,16 +237,19 @@ def fuse(
     progress: bool = False,
     pack: bool = False,
     requantize: bool = False,
+    linear: Collection[tuple[int, int]] = (),
 ) -> tuple[onnx.ModelProto, FusionReport]:
     """Fuse ``runs`` of ``model`` in memory; return the new model and its report. An
     onnx-graphsurgeon ``Graph`` in gives a ``Graph`` out; anything else gives a ModelProto.
 
     ``pack`` writes gate and up as one MatMul and a Split instead of two MatMuls.
     ``requantize``: quantised (MatMulNBits) gate/up weights are γ-folded, concatenated and
-    requantised by onnxruntime's quantiser (faster, not exact) instead of kept per branch."""
+    requantised by onnxruntime's quantiser (faster, not exact) instead of kept per branch.
+    ``linear``: runs (first, last) whose down projection also reads the normalised run input,
+    with zero weights until refitted (`graphfuse.repair`, ``heal="linear"``)."""
     fused, report = _fuse(
         model, runs, max_run_length, keep_last, progress, sink=None, pack=pack,
-        requantize=requantize,
+        requantize=requantize, linear=linear,
     )  # fmt: skip
     if _is_graphsurgeon(model):
         import onnx_graphsurgeon as gs
@@ -333,7 +337,7 @@ def _transform_file(model, output, transform, check: bool):
 
 def _fuse(
     model, runs, max_run_length, keep_last, progress, sink, base_dir=None, pack=False, downs=None,
-    requantize=False,
+    requantize=False, linear=(),
 ):  # fmt: skip
     from graphfuse.passes.fuse_ffn import fuse_ffn_runs
 
@@ -350,7 +354,7 @@ def _fuse(
     ) as bar:
         fused, done = fuse_ffn_runs(
             found.index, [[found.blocks[i] for i in r.indices] for r in chosen], sink, bar, pack,
-            downs, requantize,
+            downs, requantize, linear,
         )  # fmt: skip
     fused = skip_norm.join(fused, found.split)
     stages_before = len(found.blocks)

@@ -84,8 +84,9 @@ def _check_plan_path(path: Path | None) -> None:
 
 
 def _save_plan(
-    path: Path | None, model, runs=(), removed=(), fits=None, target=None, requantize=False
-) -> None:
+    path: Path | None, model, runs=(), removed=(), fits=None, target=None, requantize=False,
+    heal="ffn",
+) -> None:  # fmt: skip
     """Write the plan of what a command did to ``model`` (its input): the attention it lacks
     or loses, and the runs fused, with their refitted down projections when ``fits``."""
     if path is None:
@@ -103,7 +104,7 @@ def _save_plan(
             result.runs.append(plans.RunPlan(a, b))
             continue
         weight, repair = fits[(a, b)]
-        run = plans.RunPlan(a, b, "ffn", target, repair.lam)
+        run = plans.RunPlan(a, b, heal, target, repair.lam)
         result.runs.append(run)
         result.weights[run.key] = np.asarray(weight, np.float32)
     plans.save(result, path)
@@ -340,11 +341,12 @@ def _fuse_measured(args: argparse.Namespace) -> int:
     if not runs:
         raise GraphfuseError("no run was selected: nothing to fuse")
     if args.repair:
-        # fits judged on the input, or on the exact gate/up form, are not these
-        fits = fits if reference is None and not args.requantize_gate_up else {}
+        # fits judged on the input, or on the exact gate/up form, or without n̂, are not these
+        linear = args.heal == "linear"
+        fits = fits if reference is None and not args.requantize_gate_up and not linear else {}
         fused, repairs = method.fuse_and_repair(
             model, runs, windows.calibration, windows.validation, args.threads,
-            cache=fits, reference=reference, requantize=args.requantize_gate_up,
+            cache=fits, reference=reference, requantize=args.requantize_gate_up, linear=linear,
         )  # fmt: skip
         result["repairs"] = [asdict(r) for r in repairs]
     else:
@@ -355,7 +357,7 @@ def _fuse_measured(args: argparse.Namespace) -> int:
     onnx_io.save(fused, out)
     _save_plan(args.save_plan, model, runs, fits=fits if args.repair else None,
                target="original" if reference is not None else "input",
-               requantize=args.requantize_gate_up)  # fmt: skip
+               requantize=args.requantize_gate_up, heal=args.heal)  # fmt: skip
     result["runs_fused"] = [f"{a}-{b}" for a, b in runs]
     if args.json:
         print(json.dumps(result, indent=2, default=str))
@@ -375,6 +377,19 @@ def _apply(args: argparse.Namespace) -> int:
     from graphfuse import plan as plans
 
     plan = plans.load(args.plan)
+    if args.to == "nemotron-nas":
+        ckpt = plans.apply(plan, args.source, args.output, to=args.to, dtype=args.dtype,
+                           progress=not args.json)  # fmt: skip
+        summary = {"output": str(ckpt.path), "ffn_stages_before": ckpt.ffn_stages_before,
+                   "ffn_stages": ckpt.ffn_stages, "attention_layers": sum(ckpt.attention),
+                   "widths": list(ckpt.widths)}  # fmt: skip
+        if args.json:
+            print(json.dumps(summary))
+        else:
+            print(plan.describe())
+            print(f"FFN stages {ckpt.ffn_stages_before} -> {ckpt.ffn_stages}, attention layers "
+                  f"{sum(ckpt.attention)}; wrote the nemotron-nas checkpoint {ckpt.path}")  # fmt: skip
+        return 0
     report = plans.apply(plan, args.source, args.output, to=args.to, progress=not args.json)
     if args.json:
         print(report.to_json())
@@ -452,6 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("measured choices (--runs auto) and repair")
     _plan_arg(p)
     g.add_argument("--repair", action="store_true", help="refit fused down-projections (ridge)")
+    g.add_argument("--heal", choices=["ffn", "linear"], default="ffn",
+                   help="with --repair: linear adds the normalised run input to what the refit "
+                        "reads (a linear stand-in for removed attention, H more columns; not "
+                        "servable as nemotron-nas)")  # fmt: skip
     g.add_argument("--repair-to", type=Path, metavar="REFERENCE",
                    help="--repair against the outputs of REFERENCE, the model before attention "
                         "removal: the fused runs also heal the removal")  # fmt: skip
@@ -464,10 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("apply", help="replay a saved plan on a model (any supported format)")
     p.add_argument("plan", type=Path, help="plan JSON written by --save-plan or the demo")
-    p.add_argument("source", type=Path, help="the model it was made on: .onnx or genai folder")
+    p.add_argument("source", type=Path,
+                   help="the model it was made on: .onnx or genai folder; for --to nemotron-nas, "
+                        "the Hugging Face Llama folder (or GGUF) it was built from")  # fmt: skip
     _output_args(p)
-    p.add_argument("--to", choices=["onnx", "genai"],
-                   help="output format (default: the source's)")  # fmt: skip
+    p.add_argument("--to", choices=["onnx", "genai", "nemotron-nas"],
+                   help="output format (default: the source's); nemotron-nas: a checkpoint that "
+                        "vLLM, TensorRT-LLM, mlx-lm and llama.cpp read")  # fmt: skip
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="--to nemotron-nas: the checkpoint's weight type (default float32)")  # fmt: skip
     _json_arg(p)
 
     p = sub.add_parser("analyze", help="FFN dependency matrix (cosine distance) and heatmap")
@@ -500,8 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", type=Path, nargs="+", help="more evaluation text files")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads for evaluation (default: all)")
     p.add_argument("--target-stages", type=int, default=20, help="FFN depth to reach")
-    p.add_argument("--heal", choices=["ffn", "none"], default="ffn",
-                   help="refit the fused down projections to the original model (default)")  # fmt: skip
+    p.add_argument("--heal", choices=["ffn", "linear", "none"], default="ffn",
+                   help="ffn (default): refit the fused down projections to the original model; "
+                        "linear: the refit also reads the normalised run input, a linear "
+                        "stand-in for the removed attention (not servable as nemotron-nas)")  # fmt: skip
     p.add_argument("--gate-up", choices=["exact", "requantized"], default="exact",
                    help="int4: fused gate/up kept per branch (exact) or γ-folded and requantised")  # fmt: skip
     p.add_argument("--no-latency", action="store_true", help="skip the onnxruntime-genai timing")

@@ -387,6 +387,10 @@ def _write(report: DemoReport, out: Path) -> None:
     ) + "."]  # fmt: skip
     if over and report.config.get("quick") == "False":
         lines.append(f"Over budget: {', '.join(over)}.")
+    if report.config.get("heal") != "linear":  # a linear stand-in has no nemotron-nas form
+        lines += ["", "To serve the result with vLLM (tensor parallel), TensorRT-LLM, mlx-lm or "
+                  "llama.cpp: `graphfuse apply plan.json smollm2-hf --to nemotron-nas -o "
+                  "smollm2-nemotron-nas`."]  # fmt: skip
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -29,6 +28,7 @@ import numpy as np
 import onnx
 
 from graphfuse.errors import GraphfuseError
+from graphfuse.onnx_io import atomic_folder
 
 CONFIG = "genai_config.json"
 CACHE_NAMES = ("past_key_names", "past_value_names")
@@ -77,19 +77,7 @@ def transform_folder(source: Path, output: Path, write: Callable[[Path, Path], T
     """Run ``write(model_in, model_out)`` into a new folder ``output`` made from ``source``."""
     model = model_file(source)
     config = read_config(source)
-    if output.resolve() == source.resolve():
-        raise GraphfuseError(f"output folder {output} is the input folder; choose another path")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise GraphfuseError(f"output {output} already exists; choose a new folder")
-    if not output.parent.is_dir():
-        raise GraphfuseError(f"output folder {output.parent} does not exist")
-    try:
-        tmp = Path(
-            tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
-        )
-    except OSError as e:
-        raise GraphfuseError(f"cannot write to {output.parent} ({e.strerror})") from None
-    try:
+    with atomic_folder(output, [source]) as tmp:
         skip = {model.name, *_data_files(model)}
         for item in source.iterdir():
             if item.name in skip:
@@ -101,12 +89,6 @@ def transform_folder(source: Path, output: Path, write: Callable[[Path, Path], T
         result = write(model, tmp / model.name)
         _renumber_cache(tmp / model.name, config)
         (tmp / CONFIG).write_text(json.dumps(config, indent=4) + "\n")
-        if output.exists():
-            output.rmdir()
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
 
 

@@ -137,13 +137,15 @@ def fuse_and_repair(
     cache: dict | None = None,
     reference: onnx.ModelProto | None = None,
     requantize: bool = False,
+    linear: bool = False,
 ):
     """Fuse ``runs`` and refit each fused down-projection (see graphfuse.repair); ``cache``
     keeps fits between calls on the same model and data; ``reference`` (the model before
-    attention removal) makes the fit heal the removal too."""
+    attention removal) makes the fit heal the removal too; ``linear`` adds the run's
+    normalised input to what the fit reads."""
     from graphfuse.repair import repair_runs
 
     return repair_runs(
         model, runs, feeds(calibration), feeds(validation), threads=threads, progress=progress,
-        cache=cache, reference=reference, requantize=requantize,
+        cache=cache, reference=reference, requantize=requantize, linear=linear,
     )  # fmt: skip

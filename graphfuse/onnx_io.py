@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -249,6 +250,43 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
     return inline > INLINE_LIMIT or any(
         external_data_helper.uses_external_data(t) for t in model.graph.initializer
     )
+
+
+@contextmanager
+def atomic_folder(output: Path, inputs: list[Path]):
+    """Yield an empty temporary folder beside ``output``; it becomes ``output`` only if the block
+    succeeds. ``output`` must be new (or an empty folder) and none of ``inputs``."""
+    for existing in inputs:
+        if output.resolve() == existing.resolve():
+            raise GraphfuseError(f"output folder {output} is an input; choose another path")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise GraphfuseError(f"output {output} already exists; choose a new folder")
+    if not output.parent.is_dir():
+        raise GraphfuseError(f"output folder {output.parent} does not exist")
+    try:
+        tmp = Path(
+            tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
+        )
+    except OSError as e:
+        raise GraphfuseError(f"cannot write to {output.parent} ({e.strerror})") from None
+    try:
+        yield tmp
+        _readable(tmp)
+        if output.exists():
+            output.rmdir()
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _readable(folder: Path) -> None:
+    """Give a folder made by mkdtemp (0700) and its files the modes the umask would have."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for item in folder.rglob("*"):
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
 
 
 @contextmanager

@@ -16,7 +16,10 @@ least squares to reproduce the *original* model's run output, attention included
 repairs the attention removal as well as the fusion (graphfuse.repair). The fit's strength is
 then chosen on validation perplexity, not on activation error (which misleads: SmolLM2's run
 10-12 taught that): the plain join (α = 0), the refit (α = 1) and halfway between (shrinkage
-toward the plain join) are scored on the validation windows, and the lowest wins.
+toward the plain join) are scored on the validation windows, and the lowest wins. With
+``heal="linear"`` the down projections also read the normalised run input (H more columns, zero
+in the plain join), so the fit learns a linear stand-in for the removed attention as well; such
+a plan is not expressible as nemotron-nas.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ class Windows:
 @dataclass
 class Settings:
     target_stages: int = 20
-    heal: str = "ffn"  # "none": plain join; "ffn": refit the down projections
+    heal: str = "ffn"  # "none": plain join; "ffn": refit the down projections; "linear": also
+    # over the normalised run input (a linear stand-in for attention; not nemotron-nas servable)
     gate_up: str = "exact"  # quantised gate/up: "exact" (per branch) or "requantized"
     scan_windows: int = 1  # calibration windows the importance scan reads
     scan_tokens: int = 512  # … cut to this many tokens (the re-rank reads one more window)
@@ -279,9 +283,10 @@ class Pipeline:
                 dependency = dependency_matrix(removed, batches, blocks=blocks,
                                                threads=s.threads, progress=s.progress)  # fmt: skip
         with self._timed("fuse"):
-            fused, _ = graphfuse.fuse(removed, runs, requantize=self._requantize)
+            linear = runs if s.heal == "linear" else []
+            fused, _ = graphfuse.fuse(removed, runs, requantize=self._requantize, linear=linear)
         healed, repairs, weights, choice = fused, [], {}, {}
-        if runs and s.heal == "ffn":
+        if runs and s.heal in ("ffn", "linear"):
             healed, repairs, weights, choice = self._heal(removed, fused, runs)
         with self._timed("evaluate"):
             models = {"original": self.model, "attention removed": removed, "final": healed}
@@ -330,7 +335,7 @@ class Pipeline:
                 removed, runs, self._batches(self.windows.calibration),
                 self._batches(self.windows.validation), threads=self.settings.threads,
                 progress=self.settings.progress, cache=cache, reference=self.model,
-                requantize=self._requantize,
+                requantize=self._requantize, linear=self.settings.heal == "linear",
             )  # fmt: skip
             joins = {run: _down_weight(fused, *run) for run in runs}
         choice, best = {}, None
@@ -388,7 +393,7 @@ class Pipeline:
         for a, b in runs:
             healed = (a, b) in weights
             repair = by_run.get(f"{a}-{b}", {})
-            run = plans.RunPlan(a, b, "ffn" if healed else "none",
+            run = plans.RunPlan(a, b, self.settings.heal if healed else "none",
                                 "original" if healed else None, repair.get("lam"))  # fmt: skip
             plan.runs.append(run)
             if healed:

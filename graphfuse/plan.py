@@ -2,7 +2,7 @@
 
     plan.json            plan.safetensors
     ─────────            ────────────────
-    schema, version      layers.3-7.down_proj      float32 [ΣI, H]   (one per healed run)
+    schema, version      layers.3-7.down_proj      float32 [ΣI, H]   (one per healed run; [ΣI + H, H] for "linear")
     source: layers, H, I per layer, digest
     attention_removed: [4, 5, 6, 7]
     runs: [{"layers": [3, 7], "heal": "ffn", "target": "original", "lambda": 0.1}]
@@ -39,9 +39,11 @@ if TYPE_CHECKING:
 
 SCHEMA = "graphfuse.plan"
 VERSION = 1
-HEALS = ("none", "ffn")  # plain join; down projection refitted (weights in the plan)
+# plain join; down projection refitted (weights in the plan); refitted over [h, n̂(X)], with a
+# linear stand-in for the removed attention (not expressible as nemotron-nas)
+HEALS = ("none", "ffn", "linear")
 GATE_UP = ("exact", "requantized")  # quantised gate/up: per branch, or γ-folded and requantised
-TARGETS = ("onnx", "genai")
+TARGETS = ("onnx", "genai", "nemotron-nas")
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,11 @@ class Plan:
 
     def downs(self) -> dict[tuple[int, int], np.ndarray]:
         """The refitted down projections by (first, last) layer."""
-        return {(r.first, r.last): self.weights[r.key] for r in self.runs if r.heal == "ffn"}
+        return {(r.first, r.last): self.weights[r.key] for r in self.runs if r.heal != "none"}
+
+    def linear(self) -> list[tuple[int, int]]:
+        """Runs whose refit also reads the normalised run input (a linear attention stand-in)."""
+        return [(r.first, r.last) for r in self.runs if r.heal == "linear"]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -165,7 +171,7 @@ def save(plan: Plan, path: str | os.PathLike) -> Path:
 
     path = check_path(path)
     data = plan.as_dict()
-    missing = [r.key for r in plan.runs if r.heal == "ffn" and r.key not in plan.weights]
+    missing = [r.key for r in plan.runs if r.heal != "none" and r.key not in plan.weights]
     assert not missing, missing
     if plan.weights:
         arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in plan.weights.items()}
@@ -254,9 +260,10 @@ def _check_consistent(plan: Plan, path: Path | str) -> None:
                 f"plan {path}: run {r.first}-{r.last} has heal '{r.heal}'; this graphfuse "
                 f"knows {', '.join(HEALS)}"
             )
-        if r.heal == "ffn":
+        if r.heal != "none":
             w = plan.weights.get(r.key)
             width = sum(plan.source.intermediate[r.first : r.last + 1])
+            width += plan.source.hidden if r.heal == "linear" else 0
             if w is None or w.shape != (width, plan.source.hidden):
                 got = "none" if w is None else list(w.shape)
                 raise GraphfuseError(
@@ -300,17 +307,26 @@ def apply(
     output: str | os.PathLike,
     *,
     to: str | None = None,
+    dtype: str = "float32",
     progress: bool = False,
 ):
-    """Rebuild ``plan``'s result from ``source`` (an .onnx file or an onnxruntime-genai folder)
-    into ``output``: a folder for ``to="genai"`` (the default for a folder), a file for
-    ``to="onnx"``. Returns the fusion report."""
+    """Rebuild ``plan``'s result from ``source`` into ``output``, without recomputing it.
+
+    - ``to="onnx"``: an .onnx file (or a folder's model) in, a file out; returns the fusion report.
+    - ``to="genai"`` (the default for a folder): an onnxruntime-genai folder in, one out.
+    - ``to="nemotron-nas"``: the Hugging Face Llama folder (or GGUF) the model was built from in,
+      a nemotron-nas checkpoint folder out, in ``dtype``; returns its ``Checkpoint``.
+    """
     from graphfuse import api, genai
 
     if not isinstance(plan, Plan):
         plan = load(plan)
     else:
         _check_consistent(plan, "given")
+    if to == "nemotron-nas":
+        from graphfuse.formats import nemotron_nas
+
+        return nemotron_nas.write(plan, source, output, dtype=dtype, progress=progress)
     is_folder = genai.is_folder(source)
     to = to or ("genai" if is_folder else "onnx")
     if to not in TARGETS:
@@ -335,6 +351,6 @@ def apply(
             proto, _ = drop_attention(proto, drop, base_dir)
         runs = [(r.first, r.last) for r in plan.runs]
         return api._fuse(proto, runs, None, False, progress, sink, base_dir, downs=plan.downs(),
-                         requantize=plan.gate_up == "requantized")  # fmt: skip
+                         requantize=plan.gate_up == "requantized", linear=plan.linear())  # fmt: skip
 
     return api._transform_file(source, output, transform, check=True)

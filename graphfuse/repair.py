@@ -178,6 +178,7 @@ def repair_runs(
     cache: dict[tuple[int, int], tuple[np.ndarray, RunRepair]] | None = None,
     reference: onnx.ModelProto | None = None,
     requantize: bool = False,
+    linear: bool = False,
 ) -> tuple[onnx.ModelProto, list[RunRepair]]:
     """Fuse ``runs`` (block numbers of ``model``) and refit each fused down-projection.
 
@@ -192,7 +193,10 @@ def repair_runs(
     ``reference``: take the inputs and outputs of the runs from this model instead, one with the
     same FFN blocks, e.g. ``model`` before its attention was removed. The fused run then learns
     to stand in for the removed attention too (healing). ``requantize``: fuse quantised gate/up
-    weights requantised (`graphfuse.fuse`), so H is what that form computes.
+    weights requantised (`graphfuse.fuse`), so H is what that form computes. ``linear``: the
+    down projections also read the normalised run input (H more columns, zero in the prior), so
+    the fit learns a linear stand-in for the removed attention too; the fits are then
+    [ΣI + H, H].
     """
     import graphfuse
 
@@ -204,7 +208,7 @@ def repair_runs(
             f"the reference model has {len(source.blocks)} FFN blocks and the model "
             f"{len(found.blocks)}: pass the model this one was made from (before attention removal)"
         )
-    fused, _ = graphfuse.fuse(model, runs, requantize=requantize)
+    fused, _ = graphfuse.fuse(model, runs, requantize=requantize, linear=runs if linear else ())
     todo = [run for run in runs if run not in cache]
     if todo:
         inputs = [found.blocks[a].residual_in for a, _ in todo]

@@ -10,6 +10,12 @@ After (one norm, one wide FFN, one residual Add)::
          └─ MatMul[W3₁γ₁|…|W3ₖγₖ] ──────  Mul ─ MatMul[W2₁;…;W2ₖ] ─(+)─ Y
     X ────────────────────────────────────────────────────────────┘
 
+With a linear stand-in (``linear``, the heal that also replaces removed attention), the down
+projection reads [h, n̂(X)]: the wide hidden activations and the run's normalised input, H more
+columns, so a refit can learn a linear map of the input as well (still one stage)::
+
+    … Mul ─ Concat(h, n̂) ─ MatMul[W2₁;…;W2ₖ; L] ─(+)─ Y        L = 0 until refitted
+
 n̂ is block 1's norm island with its gain removed (x / rms(x) is the same for every block, given
 one eps), each γᵢ is folded into the rows of the gate and up weights, gate and up weights are
 concatenated along the output features and down weights along the input features, gate and up
@@ -27,6 +33,7 @@ topological (the new nodes take the place of the run's last residual Add).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 
 import ml_dtypes
@@ -37,7 +44,7 @@ from onnx import helper
 from graphfuse.blocks import FfnBlock, Weight, weight_dtype
 from graphfuse.errors import GraphfuseError
 from graphfuse.graph import GraphIndex
-from graphfuse.nbits import join_along_k, quantize, unpack
+from graphfuse.nbits import dequantize, join_along_k, quantize, unpack
 from graphfuse.onnx_io import TensorSink
 from graphfuse.surgery import rebuild
 
@@ -61,6 +68,7 @@ def fuse_ffn_runs(
     pack: bool = False,
     downs: dict[tuple[int, int], np.ndarray] | None = None,
     requantize: bool = False,
+    linear: Collection[tuple[int, int]] = (),
 ) -> tuple[onnx.ModelProto, list[FusedRun]]:
     """Return a new model with every run in ``runs`` fused; ``g`` indexes the input model.
 
@@ -69,15 +77,18 @@ def fuse_ffn_runs(
     refit, from a plan); quantised projections are requantised by onnxruntime's quantiser.
     ``requantize``: quantised gate/up weights are dequantised, γ-folded, concatenated and
     requantised (one shared norm, one gate and one up MatMulNBits: faster, not exact) instead
-    of kept per branch (exact)."""
+    of kept per branch (exact). ``linear``: runs, by (first, last) block, whose down projection
+    also reads the normalised run input (its ``downs`` entry is then [ΣI + H, H]; without one,
+    those H rows are zeros)."""
     sink = sink or TensorSink()
     replaced: dict[int, list[onnx.NodeProto]] = {}  # anchor node -> the nodes that replace it
     removed: set[int] = set()
     new_tensors: list[onnx.TensorProto] = []
     fused: list[FusedRun] = []
     for run in runs:
-        down = (downs or {}).get((run[0].index, run[-1].index))
-        replacement, tensors = _fuse_run(g, run, sink, pack, down, requantize)
+        key = (run[0].index, run[-1].index)
+        down = (downs or {}).get(key)
+        replacement, tensors = _fuse_run(g, run, sink, pack, down, requantize, key in linear)
         replaced[run[-1].residual_add] = replacement
         removed.update(*(b.nodes for b in run))
         new_tensors.extend(tensors)
@@ -106,9 +117,10 @@ def _fuse_run(
     pack: bool,
     down: np.ndarray | None,
     requantize: bool = False,
+    linear: bool = False,
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     first, last = run[0], run[-1]
-    width = sum(b.intermediate for b in run)
+    width = sum(b.intermediate for b in run) + (first.hidden if linear else 0)
     if down is not None and down.shape != (width, first.hidden):
         raise GraphfuseError(
             f"the down projection given for blocks {first.index}-{last.index} is "
@@ -141,12 +153,9 @@ def _fuse_run(
             copy.doc_string = doc
             nodes.append(copy)
 
-    quant = first.gate.weight.quant
-    if any(p.weight.quant for b in run for p in (b.gate, b.up, b.down)) and not requantize:
-        y = _per_branch_ffn(g, run, prefix, doc, nodes, tensors, sink, down)
-    else:
-        # n̂: block 1's norm with its gains removed (a gain Mul is skipped; a norm op's scale
-        # becomes ones).
+    def unit_norm() -> str:
+        """n̂: block 1's norm with its gains removed (a gain Mul is skipped; a norm op's scale
+        becomes ones)."""
         norm = first.norm
         drop = {}
         for at, gain in norm.gains:
@@ -159,7 +168,14 @@ def _fuse_run(
                 tensors.append(sink.tensor(f"{prefix}/unit_gain", ones))
                 names[gain] = f"{prefix}/unit_gain"
         copy_island(norm.nodes, drop)
-        z = names[norm.output]
+        return names[norm.output]
+
+    quant = first.gate.weight.quant
+    if any(p.weight.quant for b in run for p in (b.gate, b.up, b.down)) and not requantize:
+        extra = [unit_norm()] if linear else []
+        y = _per_branch_ffn(g, run, prefix, doc, nodes, tensors, sink, down, extra)
+    else:
+        z = unit_norm()
 
         dtype = _np_dtype(g, first.gate.weight)
         gate_w, up_w = _wide_weights(g, run, dtype)
@@ -221,7 +237,9 @@ def _fuse_run(
             up = project(z, "up")
         copy_island(first.activation_nodes)
         product = emit("Mul", [names[first.activation_output], up], "product")
-        y = _joined_down(g, run, product, prefix, doc, nodes, tensors, sink, down)
+        if linear:
+            product = emit("Concat", [product, z], "products", axis=-1)
+        y = _joined_down(g, run, product, prefix, doc, nodes, tensors, sink, down, linear)
     for at in reversed(last.down_casts):
         cast = onnx.NodeProto()
         cast.CopyFrom(g.node(at))
@@ -251,8 +269,10 @@ def _per_branch_ffn(
     tensors: list[onnx.TensorProto],
     sink: TensorSink,
     down: np.ndarray | None = None,
+    extra: list[str] = [],  # noqa: B006  (read only)
 ) -> str:
-    """The exact form for quantised weights: per-branch norm and gate/up, one joined down.
+    """The exact form for quantised weights: per-branch norm and gate/up, one joined down
+    (``extra``: more features for it, the linear stand-in's n̂).
 
         X ─┬─ n₁ ─ gate₁/up₁ ─ act ─ Mul ─┐
            ├─ …                            Concat ─ MatMulNBits[W2₁; …; W2ₖ] ─ y
@@ -281,10 +301,9 @@ def _per_branch_ffn(
             nodes.append(copy)
         products.append(names[g.node(block.product).output[0]])
     joined = f"{prefix}/products"
-    nodes.append(
-        helper.make_node("Concat", products, [joined], name=joined, axis=-1, doc_string=doc)
-    )
-    return _joined_down(g, run, joined, prefix, doc, nodes, tensors, sink, down)
+    nodes.append(helper.make_node("Concat", [*products, *extra], [joined], name=joined, axis=-1,
+                                  doc_string=doc))  # fmt: skip
+    return _joined_down(g, run, joined, prefix, doc, nodes, tensors, sink, down, bool(extra))
 
 
 def _joined_down(
@@ -297,14 +316,19 @@ def _joined_down(
     tensors: list[onnx.TensorProto],
     sink: TensorSink,
     refit: np.ndarray | None = None,
+    linear: bool = False,
 ) -> str:
     """One down projection over the joined hidden features: [W2₁; …; W2ₖ], biases summed;
-    ``refit`` (float32 [ΣI, H]) instead of the join when given, requantised if quantised."""
+    ``refit`` (float32 [ΣI, H], or [ΣI + H, H] with ``linear``) instead of the join when given,
+    requantised if quantised. ``linear`` without a refit: the join and H zero rows."""
     first = run[0].down.weight
     y = f"{prefix}/down_matmul"
+    hidden = run[0].hidden
     if first.quant is None:
         if refit is None:
             down = np.concatenate([b.down.weight.load(g) for b in run], axis=0)
+            if linear:
+                down = np.concatenate([down, np.zeros((hidden, hidden), down.dtype)])
         else:
             down = refit.astype(_np_dtype(g, first))
         tensors.append(sink.tensor(f"{prefix}/down_weight", down))
@@ -318,18 +342,27 @@ def _joined_down(
             zero_points = g.constant(q.zero_points) if q.zero_points else None
             parts.append((g.constant(b.down.weight.name), g.constant(q.scales), zero_points, q))
         packed, scales, zero_points = join_along_k(parts)  # type: ignore[arg-type]
+        if linear and refit is None:  # the join, dequantised, and zeros for n̂
+            join = replace(parts[0][3], k=sum(b.intermediate for b in run))
+            w = dequantize(packed, scales, zero_points, join).T.astype(np.float32)
+            refit = np.concatenate([w, np.zeros((hidden, hidden), np.float32)])
         if refit is not None:  # the join's layout (ranks, dtypes), the refit's values
             joined = replace(parts[0][3], k=refit.shape[0])
+            if refit.shape[0] % joined.block_size:
+                raise GraphfuseError(
+                    f"blocks {run[0].index}-{run[-1].index}: a down projection of {refit.shape[0]} "
+                    f"inputs does not divide into MatMulNBits blocks of {joined.block_size}"
+                )
             new = quantize(refit, joined, zero_points=zero_points is not None,
                            scales_dtype=scales.dtype)  # fmt: skip
-            packed = new[0].reshape(packed.shape)
-            scales = new[1].reshape(scales.shape)
+            packed = _like(new[0], packed, joined)
+            scales = _like(new[1], scales, joined)
             if zero_points is not None:
                 assert new[2] is not None
                 zp = new[2]
                 if zero_points.dtype != np.uint8:  # stored as values of the scales' type
                     zp = unpack(zp, joined.bits, joined.blocks).astype(zero_points.dtype)
-                zero_points = zp.reshape(zero_points.shape)
+                zero_points = _like(zp, zero_points, joined)
         inputs = [x, f"{prefix}/down_weight", f"{prefix}/down_scales"]
         tensors.append(sink.tensor(inputs[1], packed))
         tensors.append(sink.tensor(inputs[2], scales))
@@ -340,7 +373,8 @@ def _joined_down(
         nodes.append(
             helper.make_node(
                 "MatMulNBits", inputs, [y], name=y, domain="com.microsoft", doc_string=doc,
-                K=sum(b.intermediate for b in run), N=q.n, bits=q.bits, block_size=q.block_size,
+                K=sum(b.intermediate for b in run) + (hidden if linear else 0), N=q.n, bits=q.bits,
+                block_size=q.block_size,
                 accuracy_level=q.accuracy_level,
             )
         )  # fmt: skip
@@ -352,6 +386,13 @@ def _joined_down(
                                       doc_string=doc))  # fmt: skip
         y = added
     return y
+
+
+def _like(array: np.ndarray, stored: np.ndarray, quant) -> np.ndarray:
+    """``array`` (a quantiser output) in the rank ``stored`` has: [N, blocks, blob], [N, …] or
+    flat, for a K that may differ from the stored one's."""
+    shape = {3: (quant.n, quant.blocks, -1), 2: (quant.n, -1), 1: (-1,)}[stored.ndim]
+    return array.reshape(shape)
 
 
 def _np_dtype(g: GraphIndex, weight: Weight) -> np.dtype:

@@ -10,6 +10,7 @@ import pytest
 
 from graphfuse import text
 from graphfuse.api import drop_attention_file
+from graphfuse.cli import main
 from graphfuse.models import genai_build, smollm2
 
 # Small onnxruntime-genai builds (random weights, SmolLM2's tokenizer), one per (architecture,
@@ -85,3 +86,14 @@ def dropped(genai_folder, tmp_path_factory: pytest.TempPathFactory):
         return made[(arch, precision)]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def quick_demo(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`graphfuse demo --quick`, run once per session: its report, plan and model folders."""
+    root = tmp_path_factory.mktemp("demo")
+    out, cache = root / "demo", root / "cache"
+    cache.mkdir()  # its own cache: the demo keeps its builds there
+    shutil.copy(cache_dir / smollm2.GGUF_NAME, cache)
+    assert main(["demo", "--quick", "--out", str(out), "--cache", str(cache)]) == 0
+    return out

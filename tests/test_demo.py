@@ -5,22 +5,17 @@ and timing in onnxruntime-genai, and the report."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from graphfuse import plan as plans
 from graphfuse.cli import main
-from graphfuse.models import smollm2
 
 
 @pytest.mark.slow
-def test_demo_quick(cache_dir: Path, tmp_path: Path) -> None:
-    out, cache = tmp_path / "demo", tmp_path / "cache"
-    cache.mkdir()  # its own cache: the demo keeps its builds there
-    shutil.copy(cache_dir / smollm2.GGUF_NAME, cache)
-    assert main(["demo", "--quick", "--out", str(out), "--cache", str(cache)]) == 0
+def test_demo_quick(quick_demo: Path) -> None:
+    out = quick_demo
     report = json.loads((out / "report.json").read_text())
     scores = report["pipeline"]["scores"]
     assert set(scores) == {"original", "attention removed", "final"}

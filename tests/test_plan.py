@@ -49,22 +49,27 @@ def model(tmp_path: Path) -> Path:
     return path
 
 
-def _healed_plan(model_path: Path) -> tuple[plans.Plan, onnx.ModelProto]:
-    """Attention of layers 2 and 3 removed, run 1-3 fused and refitted against the original."""
+def _healed_plan(model_path: Path, heal: str = "ffn") -> tuple[plans.Plan, onnx.ModelProto]:
+    """Attention of layers 2 and 3 removed, run 1-3 fused and refitted against the original
+    (``heal="linear"``: over the normalised run input as well)."""
     original = onnx.load(model_path)
     removed, _ = drop_attention(original, [2, 3])
     rng = np.random.default_rng(0)
     cache: dict = {}
     repaired, (fit,) = repair_runs(removed, [(1, 3)], _feeds(rng, 4), _feeds(rng, 2),
-                                   progress=False, cache=cache, reference=original)  # fmt: skip
+                                   progress=False, cache=cache, reference=original,
+                                   linear=heal == "linear")  # fmt: skip
     found = graphfuse.inspect(original)
-    run = plans.RunPlan(1, 3, "ffn", "original", fit.lam)
+    run = plans.RunPlan(1, 3, heal, "original", fit.lam)
     plan = plans.Plan(plans.source_of(found), [2, 3], [run], {run.key: cache[(1, 3)][0]})
     return plan, repaired
 
 
-def test_save_load_apply_round_trips_exactly(model: Path, tmp_path: Path) -> None:
-    plan, repaired = _healed_plan(model)
+@pytest.mark.parametrize("heal", ["ffn", "linear"])
+def test_save_load_apply_round_trips_exactly(model: Path, tmp_path: Path, heal: str) -> None:
+    plan, repaired = _healed_plan(model, heal)
+    width = sum(WIDTHS[1:4]) + (HIDDEN if heal == "linear" else 0)
+    assert plan.weights[plan.runs[0].key].shape == (width, HIDDEN)
     path = plans.save(plan, tmp_path / "plan.json")
     assert (tmp_path / "plan.safetensors").is_file()
     loaded = plans.load(path)
@@ -75,7 +80,7 @@ def test_save_load_apply_round_trips_exactly(model: Path, tmp_path: Path) -> Non
         assert loaded.weights[key].tobytes() == np.asarray(w, np.float32).tobytes()
     data = json.loads(path.read_text())
     assert data["schema"] == "graphfuse.plan" and data["version"] == 1
-    assert data["runs"] == [{"layers": [1, 3], "heal": "ffn", "target": "original",
+    assert data["runs"] == [{"layers": [1, 3], "heal": heal, "target": "original",
                              "lambda": plan.runs[0].lam}]  # fmt: skip
 
     out = tmp_path / "applied.onnx"

@@ -155,3 +155,41 @@ def test_evaluate_feeds_a_genai_decoder_as_the_runtime_does(
     }
     assert all(np.array_equal(feeds[k], v) for k, v in expected.items())
     assert np.isfinite(evaluate.perplexity(session, windows[:4, :32], dims=dims, progress=False))
+
+
+@pytest.mark.parametrize("precision", ["int4", "fp32"])
+def test_the_linear_stand_in_starts_as_the_plain_join_and_fits_closer(
+    genai_folder, dropped, windows: np.ndarray, precision: str
+) -> None:
+    """``heal="linear"``: the down projection reads [h, n̂(X)]. With its H extra rows at zero the
+    model computes what the plain fused model does; refitted, it gets closer to the model
+    before the removal than the refit over h alone, and H W still gives the run's output."""
+    folder = dropped("llama", precision)
+    model = onnx.load(str(folder / "model.onnx"))
+    reference = onnx.load(str(genai_folder("llama", precision) / "model.onnx"))
+    run = (RUN.first, RUN.last)
+    plain, _ = graphfuse.fuse(model, [run])
+    linear, _ = graphfuse.fuse(model, [run], linear=[run])
+    down = DownProjection(linear, *run)
+    hidden = graphfuse.inspect(model).blocks[0].hidden
+    assert down.weight().shape == (DownProjection(plain, *run).weight().shape[0] + hidden, hidden)
+    assert not down.weight()[-hidden:].any()
+    for m in (plain, linear):
+        test_genai._set_accuracy_level(m, 0)
+    feeds = _batches(folder, model, windows[-2:], size=2)[0]
+    want, got = (_session(m).run(["logits"], feeds)[0] for m in (plain, linear))
+    # fp32: the same sums; int4: the join requantised once more (it was dequantised to append
+    # the zero rows), which moves a weight by at most half a quantisation step
+    tolerance = 1e-5 if precision == "fp32" else 2e-2
+    assert np.max(np.abs(got - want)) <= tolerance * np.max(np.abs(want))
+
+    calibration = _batches(folder, model, windows[:CALIBRATION])
+    validation = _batches(folder, model, windows[CALIBRATION : CALIBRATION + VALIDATION])
+    errors = {}
+    for heal in (False, True):
+        repaired, (fit,) = repair_runs(model, [run], calibration, validation, progress=False,
+                                       reference=reference, linear=heal)  # fmt: skip
+        errors[heal] = fit.validation_error_requantized or fit.validation_error_repaired
+        print(f"{precision} linear={heal}: {fit.validation_error_fused:.3f} -> {errors[heal]:.3f}")
+    _check(repaired)
+    assert errors[True] < errors[False]

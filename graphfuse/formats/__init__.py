@@ -1,0 +1,1 @@
+"""Model containers graphfuse writes besides ONNX: nemotron-nas checkpoints (``nemotron_nas``)."""
