@@ -56,6 +56,9 @@ class Settings:
     target_stages: int = 20
     heal: str = "ffn"  # "none": plain join; "ffn": refit the down projections; "linear": also
     # over the normalised run input (a linear stand-in for attention; not nemotron-nas servable)
+    # what a heal refits to: the original model's run output ("original": heals the attention
+    # removal too) or the attention-removed model's sequential run ("input": repairs fusion only)
+    heal_target: str = "original"
     gate_up: str = "exact"  # quantised gate/up: "exact" (per branch) or "requantized"
     scan_windows: int = 1  # calibration windows the importance scan reads
     scan_tokens: int = 512  # … cut to this many tokens (the re-rank reads one more window)
@@ -334,7 +337,8 @@ class Pipeline:
             _, repairs = repair_runs(
                 removed, runs, self._batches(self.windows.calibration),
                 self._batches(self.windows.validation), threads=self.settings.threads,
-                progress=self.settings.progress, cache=cache, reference=self.model,
+                progress=self.settings.progress, cache=cache,
+                reference=self.model if self.settings.heal_target == "original" else None,
                 requantize=self._requantize, linear=self.settings.heal == "linear",
             )  # fmt: skip
             joins = {run: _down_weight(fused, *run) for run in runs}
@@ -394,7 +398,8 @@ class Pipeline:
             healed = (a, b) in weights
             repair = by_run.get(f"{a}-{b}", {})
             run = plans.RunPlan(a, b, self.settings.heal if healed else "none",
-                                "original" if healed else None, repair.get("lam"))  # fmt: skip
+                                self.settings.heal_target if healed else None,
+                                repair.get("lam"))  # fmt: skip
             plan.runs.append(run)
             if healed:
                 plan.weights[run.key] = weights[(a, b)]

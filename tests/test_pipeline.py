@@ -97,3 +97,30 @@ def test_depth_quality_curve(pipe: pipeline.Pipeline, tmp_path: Path) -> None:
     png = tmp_path / "curve.png"
     _plot_curve(points, {"test": 10.0, "in_domain": 12.0}, 4, png)
     assert png.stat().st_size > 10_000
+
+
+def test_linear_heal_and_its_plan_replay(
+    pipe: pipeline.Pipeline, genai_folder, tmp_path: Path
+) -> None:
+    """heal="linear": the refit reads [h, n̂(X)] (H more rows in the plan's weights), the plan
+    records it per run, and `apply` rebuilds the model the pipeline scored; heal_target="input"
+    is recorded as the fit's target."""
+    pipe.settings.heal, pipe.settings.heal_target = "linear", "input"
+    try:
+        result = pipe.run([2, 3], analyse=False, only_final=True)
+    finally:
+        pipe.settings.heal, pipe.settings.heal_target = "ffn", "original"
+    (run,) = result.plan.runs
+    assert run.heal == "linear", result.choice  # α = 0 (no refit) would record "none"
+    assert run.target == "input"
+    hidden = pipe.found.blocks[0].hidden
+    width = sum(b.intermediate for b in pipe.found.blocks[1:4])
+    assert result.plan.weights[run.key].shape == (width + hidden, hidden)
+    path = plans.save(result.plan, tmp_path / "plan.json")
+    out = tmp_path / "applied"
+    plans.apply(path, genai_folder("llama", "int4"), out)
+    applied = onnx.load(str(genai.model_file(out)))
+    ids = pipe.windows.test
+    scored = evaluate.score(pipe.sessions(result.models["final"]), ids, dims=pipe.dims)
+    replayed = evaluate.score(pipe.sessions(applied), ids, dims=pipe.dims)
+    assert replayed.perplexity == pytest.approx(scored.perplexity, rel=1e-6)

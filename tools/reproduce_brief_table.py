@@ -1,28 +1,33 @@
-"""Reproduce the table of BRIEF section 6 on ONNX: for each run a..b of SmolLM2-135M, remove the
-attention of layers a+1..b, then fuse FFN blocks a..b, then repair the fused down-projection;
-perplexity on 4 × 512 tokens of standard-library docstrings after each step.
+"""Reproduce the table of BRIEF section 6 through the pipeline (`graphfuse.pipeline`): for each
+run a..b of SmolLM2-135M (onnxruntime-genai's fp32 build), remove the attention of layers
+a+1..b, fuse FFN blocks a..b, then repair or heal the fused down projection; perplexity after
+each step on 4 × 512 tokens of held-out standard-library docstrings (the brief's text) and on
+4 × 512 tokens of Vim's user manual (the test text, which nothing else touches).
 
-    python tools/reproduce_brief_table.py [--runs 3-5,3-7,10-12,14-17,24-28] [--json out.json]
+    python tools/reproduce_brief_table.py [--runs 3-5,3-7,10-12,14-17,24-28]
+        [--calibration-windows 48] [--threads 2] [--json out.json] [--work DIR]
 
-Calibration (for the repair) uses 48 × 512 other tokens (`--calibration-windows`), each
-window's first token left out; λ is chosen on 4 × 512 validation tokens. "healed" fits the
-fused run to the original model's run output instead (attention included). The original
-model's ONNX perplexity is compared with PyTorch's on the same windows.
+The fits read 48 × 512 other docstring tokens (each window's first token left out); λ per run
+and the strength α of the refit (plain join, halfway, or the fit) are chosen on 4 × 512
+validation docstring tokens, as the pipeline chooses them. "repaired" fits the fused run to the
+attention-removed model's sequential run ("input"), "healed" to the original model's run output,
+attention included ("original", the pipeline's default). The original's perplexity is compared
+with PyTorch's on the same windows.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
+import math
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 
-from graphfuse import api, evaluate, method
-from graphfuse.method import session
+from graphfuse import corpora, demo, genai, method, pipeline
 from graphfuse.models import smollm2
-from graphfuse.passes.drop_attention import drop_attention
 
 BRIEF = {  # run: (attention removed only, + fused, + fused and repaired), PyTorch, brief §6
     "3-5": (16.18, 18.11, 16.48),
@@ -31,30 +36,15 @@ BRIEF = {  # run: (attention removed only, + fused, + fused and repaired), PyTor
     "14-17": (20.51, 35.02, 22.21),
     "24-28": (24.39, 26347, 26.20),
 }
+COLUMNS = ("attention removed", "fused", "repaired", "healed")
 
 
-def exported(cache: Path, name: str, export) -> Path:
-    """An export of SmolLM2, made once and kept in the cache."""
-    path = cache / f"smollm2-{name}-v{smollm2.EXPORT_VERSION}.onnx"
-    if not path.is_file():
-        export(path, cache)
-    return path
-
-
-def torch_perplexity(windows, without_attention: list[int] = ()) -> float:  # type: ignore[assignment]
-    """PyTorch's perplexity, with the attention of some layers replaced by zero (removed)."""
-    import copy
-    import math
-
+def torch_perplexity(hf: Path, windows: np.ndarray) -> float:
+    """PyTorch's perplexity of the Hugging Face model the build was made from."""
     import torch
+    from transformers import AutoModelForCausalLM
 
-    model = copy.deepcopy(smollm2.load()[0])
-    for layer in without_attention:
-        attention = model.model.layers[layer].self_attn
-        attention.forward = lambda hidden_states, *args, **kwargs: (
-            torch.zeros_like(hidden_states),
-            None,
-        )
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     nll, count = 0.0, 0
     with torch.no_grad():
         for ids in windows:
@@ -70,49 +60,69 @@ def main() -> None:
     parser.add_argument("--runs", default=",".join(BRIEF))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--work", type=Path, help="folder for the model builds (default: temporary)"
+    )
     parser.add_argument("--calibration-windows", type=int, default=48,
-                        help="512-token windows the repair is fitted on (default 48)")  # fmt: skip
+                        help="512-token windows the fits read (default 48)")  # fmt: skip
     args = parser.parse_args()
 
-    cache = smollm2.default_cache_dir()
-    smollm2.fetch(cache)
-    original = onnx.load(exported(cache, "logits", smollm2.export_logits))
-    windows = method.windows(
-        None, smollm2.load_tokenizer(cache), calibration=args.calibration_windows
-    )
-    ppl_onnx = evaluate.perplexity(session(original, args.threads), windows.evaluation)
-    ppl_torch = torch_perplexity(windows.evaluation)
-    print(f"original: ONNX {ppl_onnx:.3f}, PyTorch {ppl_torch:.3f} "
-          f"(differ by {abs(ppl_onnx / ppl_torch - 1):.3%})")  # fmt: skip
-    rows = []
+    work = args.work or Path(tempfile.mkdtemp(prefix="graphfuse-brief-"))
+    work.mkdir(parents=True, exist_ok=True)
+    hf, built = demo.build_folders(work, smollm2.default_cache_dir(), "fp32")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hf))
+    docstrings = method.windows(None, tokenizer, calibration=args.calibration_windows)
+    test = corpora.windows(tokenizer, corpora.text_sets(), seq_len=512, counts={"test": 4})
+    windows = pipeline.Windows(
+        calibration=docstrings.calibration, validation=docstrings.validation,
+        in_domain=docstrings.evaluation, test=test["test"],
+    )  # fmt: skip
+    model = onnx.load(str(genai.model_file(built)))
+    settings = pipeline.Settings(heal="none", max_run=None, threads=args.threads)
+    pipe = pipeline.Pipeline(model, windows, settings, genai.dims(built, model))
+
+    rows, original = [], None
     for spec in args.runs.split(","):
         a, b = map(int, spec.split("-"))
-        removed, _ = drop_attention(original, list(range(a + 1, b + 1)))
-        fused, _ = api.fuse(removed, [(a, b)])
-        repaired, (fit,) = method.fuse_and_repair(
-            removed, [(a, b)], windows.calibration, windows.validation, args.threads
-        )
-        # Healing: the same fit against the original model's run output, attention included.
-        healed, (heal,) = method.fuse_and_repair(
-            removed, [(a, b)], windows.calibration, windows.validation, args.threads,
-            reference=original,
-        )  # fmt: skip
-        ppl = [evaluate.perplexity(session(m, args.threads), windows.evaluation)
-               for m in (removed, fused, repaired, healed)]  # fmt: skip
-        torch_removed = torch_perplexity(windows.evaluation, list(range(a + 1, b + 1)))
-        row = {"run": spec, "attention_removed": ppl[0], "torch_attention_removed": torch_removed,
-               "fused": ppl[1], "repaired": ppl[2], "healed": ppl[3], "heal_lambda": heal.lam,
-               "repaired_over_removed": ppl[2] / ppl[0], "lambda": fit.lam,
-               "brief": BRIEF.get(spec), "repair": asdict(fit)}  # fmt: skip
+        layers = list(range(a + 1, b + 1))
+        pipe.settings.heal = "none"
+        plain = pipe.run(layers, analyse=False)
+        original = plain.scores["original"]
+        scores = {"attention removed": plain.scores["attention removed"],
+                  "fused": plain.scores["final"]}  # fmt: skip
+        fits = {}
+        for column, target in (("repaired", "input"), ("healed", "original")):
+            pipe.settings.heal, pipe.settings.heal_target = "ffn", target
+            result = pipe.run(layers, analyse=False, only_final=True)
+            scores[column] = result.scores["final"]
+            (repair,) = result.repairs
+            fits[column] = {"lambda": repair["lam"], "alpha": repair["alpha"]}
+        row = {"run": spec, "brief": BRIEF.get(spec), "fits": fits,
+               **{c: {t: s.perplexity for t, s in scores[c].items()} for c in COLUMNS}}  # fmt: skip
         rows.append(row)
-        print(f"run {spec:>6}: removed {ppl[0]:8.2f}  fused {ppl[1]:10.2f}  repaired {ppl[2]:8.2f}"
-              f"  healed {ppl[3]:8.2f}"
-              f"  (+{ppl[2] / ppl[0] - 1:.1%} over removed, λ={fit.lam:g}; PyTorch removed "
-              f"{torch_removed:.2f}, {abs(ppl[0] / torch_removed - 1):.2%} apart)"
-              f"   brief: {BRIEF.get(spec)}", flush=True)  # fmt: skip
+        print(f"run {spec:>6}: " + "  ".join(
+            f"{c} {row[c]['in_domain']:.2f} / {row[c]['test']:.2f}" for c in COLUMNS
+        ) + f"  (docstrings / Vim manual; healed λ={fits['healed']['lambda']:g} "
+            f"α={fits['healed']['alpha']:g})", flush=True)  # fmt: skip
+    assert original is not None
+    ppl_torch = torch_perplexity(hf, windows.in_domain)
+    ppl_onnx = original["in_domain"].perplexity
+    print(f"original: docstrings {ppl_onnx:.3f} (PyTorch {ppl_torch:.3f}, "
+          f"{abs(ppl_onnx / ppl_torch - 1):.3%} apart), Vim manual {original['test'].perplexity:.3f}")  # fmt: skip
+    print()
+    print("| run | attention removed | fused | fused + repaired | fused + healed |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['run']} | " + " | ".join(
+            f"{row[c]['in_domain']:,.2f} / {row[c]['test']:,.2f}" for c in COLUMNS) + " |")  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"original_onnx": ppl_onnx, "original_torch": ppl_torch,
-                                         "rows": rows}, indent=2))  # fmt: skip
+        args.json.write_text(json.dumps({
+            "original": {"docstrings": ppl_onnx, "vim": original["test"].perplexity,
+                         "torch_docstrings": ppl_torch},
+            "rows": rows,
+        }, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":

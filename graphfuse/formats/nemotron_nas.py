@@ -277,7 +277,7 @@ def write(
         raise GraphfuseError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     source, output = Path(source), Path(output)
     _check_plan(plan)
-    with _open(source) as src, atomic_folder(output, [source]) as tmp:
+    with atomic_folder(output, [source]) as tmp, _open(source) as src:  # output checked first
         _check_source(plan, src, str(source))
         c = src.config
         hidden, layers = int(c["hidden_size"]), int(c["num_hidden_layers"])
