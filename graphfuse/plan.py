@@ -275,9 +275,12 @@ def _check_consistent(plan: Plan, path: Path | str) -> None:
 # -- applying --------------------------------------------------------------------------------------
 
 
-def check_source(plan: Plan, found: Inspection, name: str) -> None:
-    """Refuse a model that is not the one the plan was made on (shapes or gains differ)."""
-    have = source_of(found)
+def check_source(
+    plan: Plan, found: Inspection | Source, name: str, what: str = "the model it was made on"
+) -> None:
+    """Refuse a model that is not the one the plan was made on (shapes or gains differ);
+    ``what`` names what to apply the plan to instead."""
+    have = found if isinstance(found, Source) else source_of(found)
     want = plan.source
     if (
         have.layers < want.layers
@@ -285,19 +288,19 @@ def check_source(plan: Plan, found: Inspection, name: str) -> None:
     ):
         raise GraphfuseError(
             f"the plan names layers up to {want.layers - 1}, but {name} has {have.layers} "
-            f"layers: apply it to the model it was made on ({want.describe()})"
+            f"layers: apply it to {what} ({want.describe()})"
         )
     if (have.layers, have.hidden, have.intermediate) != (
         want.layers, want.hidden, want.intermediate
     ):  # fmt: skip
         raise GraphfuseError(
             f"the plan was made on a model of {want.describe()}; {name} has "
-            f"{have.describe()}: apply it to the model it was made on"
+            f"{have.describe()}: apply it to {what}"
         )
     if have.digest != want.digest:
         raise GraphfuseError(
             f"{name} has the plan's shapes but other weights (norm-gain digest {have.digest}, "
-            f"the plan's {want.digest}): apply it to the model it was made on"
+            f"the plan's {want.digest}): apply it to {what}"
         )
 
 

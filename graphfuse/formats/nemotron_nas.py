@@ -215,24 +215,6 @@ def _source(src: _Source, name: str) -> Source:
     return Source(layers, int(c["hidden_size"]), tuple(widths), digest.hexdigest()[:16])
 
 
-def _check_source(plan: Plan, src: _Source, name: str) -> None:
-    have, want = _source(src, name), plan.source
-    if (have.layers, have.hidden, have.intermediate) != (
-        want.layers,
-        want.hidden,
-        want.intermediate,
-    ):
-        raise GraphfuseError(
-            f"the plan was made on a model of {want.describe()}; {name} has {have.describe()}: "
-            "apply it to the checkpoint the plan's model was built from"
-        )
-    if have.digest != want.digest:
-        raise GraphfuseError(
-            f"{name} has the plan's shapes but other weights (norm-gain digest {have.digest}, the "
-            f"plan's {want.digest}): apply it to the checkpoint the plan's model was built from"
-        )
-
-
 def _check_plan(plan: Plan) -> None:
     removed = set(plan.attention_removed)
     if 0 in removed:
@@ -272,13 +254,15 @@ def write(
     from tqdm import tqdm
 
     from graphfuse.onnx_io import atomic_folder
+    from graphfuse.plan import check_source
 
     if dtype not in DTYPES:
         raise GraphfuseError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     source, output = Path(source), Path(output)
     _check_plan(plan)
     with atomic_folder(output, [source]) as tmp, _open(source) as src:  # output checked first
-        _check_source(plan, src, str(source))
+        check_source(plan, _source(src, str(source)), str(source),
+                     "the checkpoint the plan's model was built from")  # fmt: skip
         c = src.config
         hidden, layers = int(c["hidden_size"]), int(c["num_hidden_layers"])
         heads, kv_heads = int(c["num_attention_heads"]), int(c.get("num_key_value_heads") or c["num_attention_heads"])  # fmt: skip
