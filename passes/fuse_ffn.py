@@ -33,7 +33,7 @@ topological (the new nodes take the place of the run's last residual Add).
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
 import ml_dtypes
@@ -269,7 +269,7 @@ def _per_branch_ffn(
     tensors: list[onnx.TensorProto],
     sink: TensorSink,
     down: np.ndarray | None = None,
-    extra: list[str] = [],  # noqa: B006  (read only)
+    extra: Sequence[str] = (),
 ) -> str:
     """The exact form for quantised weights: per-branch norm and gate/up, one joined down
     (``extra``: more features for it, the linear stand-in's n̂).
