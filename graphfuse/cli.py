@@ -53,6 +53,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
         "--calib", type=Path, nargs="+", help="text files, or token-id files (.npy, .ids)"
     )
     g.add_argument("--tokenizer", help="Hugging Face tokenizer folder (default: SmolLM2's)")
+    g.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
 
 
@@ -83,12 +84,9 @@ def _check_plan_path(path: Path | None) -> None:
         check_path(path)
 
 
-def _save_plan(
-    path: Path | None, model, runs=(), removed=(), fits=None, target=None, requantize=False,
-    heal="ffn",
-) -> None:  # fmt: skip
+def _save_plan(path: Path | None, model, runs=(), removed=(), requantize=False) -> None:
     """Write the plan of what a command did to ``model`` (its input): the attention it lacks
-    or loses, and the runs fused, with their refitted down projections when ``fits``."""
+    or loses, and the runs fused (plainly joined)."""
     if path is None:
         return
     from graphfuse import plan as plans
@@ -99,14 +97,7 @@ def _save_plan(
         plans.source_of(found), sorted({*plans.attention_absent(found), *removed}), [],
         gate_up="requantized" if requantize else "exact",
     )  # fmt: skip
-    for a, b in runs:
-        if fits is None:
-            result.runs.append(plans.RunPlan(a, b))
-            continue
-        weight, repair = fits[(a, b)]
-        run = plans.RunPlan(a, b, heal, target, repair.lam)
-        result.runs.append(run)
-        result.weights[run.key] = np.asarray(weight, np.float32)
+    result.runs.extend(plans.RunPlan(a, b) for a, b in runs)
     plans.save(result, path)
     print(f"wrote the plan {path}", file=sys.stderr)
 
@@ -298,75 +289,76 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _fuse_measured(args: argparse.Namespace) -> int:
-    """--runs auto and/or --repair: choices and fits made on calibration text (in memory)."""
-    from dataclasses import asdict
+    """--runs auto and/or --repair, through the pipeline: choices and fits made on calibration
+    text; MODEL (and --repair-to) an .onnx file or an onnxruntime-genai folder."""
+    from graphfuse import api, genai, method, onnx_io, pipeline
+    from graphfuse import plan as plans
 
-    from graphfuse import api, method, onnx_io
-    from graphfuse.analysis import dependency_matrix
-
-    model = onnx_io.load(args.model)
-    inputs = [args.model.resolve()]
+    model_path = api.model_path  # an onnxruntime-genai folder names its model
+    folder = args.model if genai.is_folder(args.model) else None
+    source = model_path(args.model)
+    onnx_io.load(source)  # checked like any input
+    inputs = [source.resolve()]
     reference = None
     if args.repair_to is not None:
-        onnx_io.load(args.repair_to)  # checked like any input
-        inputs.append(args.repair_to.resolve())
-        reference = onnx.load(args.repair_to)
-    out = onnx_io.check_output_path(args.output, inputs)
-    model = onnx.load(args.model)  # with its weights: sessions need them
-    windows = method.windows(args.calib, method.tokenizer(args.tokenizer))
-    found = api.inspect(model)
+        onnx_io.load(model_path(args.repair_to))
+        inputs.append(model_path(args.repair_to).resolve())
+        reference = onnx.load(model_path(args.repair_to))
+    if folder is None:
+        out = onnx_io.check_output_path(args.output, inputs)
+    model = onnx.load(source)  # with its weights: sessions need them
+    drawn = method.windows(args.calib, method.tokenizer(args.tokenizer), seq_len=args.seq_len)
+    windows = pipeline.Windows(drawn.calibration, drawn.validation, drawn.evaluation,
+                               drawn.evaluation)  # fmt: skip
+    settings = pipeline.Settings(
+        heal=args.heal if args.repair else "none",
+        heal_target="original" if reference is not None else "input",
+        gate_up="requantized" if args.requantize_gate_up else "exact",
+        dependency_windows=4, max_run=None, threads=args.threads, progress=not args.json,
+    )  # fmt: skip
+    dims = genai.dims(folder, model) if folder is not None else None
+    pipe = pipeline.Pipeline(model, windows, settings, dims, reference=reference)
     result: dict = {}
-    fits: dict = {}  # with --repair, the checks judge repaired runs and keep their fits
+    cache = None
     if args.runs == "auto":
-        candidates = [(r.first, r.last) for r in found.fusable()]
+        candidates = [(r.first, r.last) for r in pipe.found.fusable()]
         if not candidates:
             raise GraphfuseError("no fusable runs: nothing for --runs auto to choose from")
-        blocks = sorted({i for a, b in candidates for i in range(a, b + 1)})
-        dependency = dependency_matrix(model, method.feeds(windows.calibration[:4]), blocks=blocks)
-        selection = method.select(
-            model, dependency, candidates, windows.validation,
-            target_stages=args.target_stages, max_increase=args.max_increase,
-            keep_last=args.keep_last, threads=args.threads,
-            calibration=windows.calibration if args.repair else None, fits=fits,
-        )  # fmt: skip
+        selection = pipe.select(candidates, target_stages=args.target_stages,
+                                max_increase=args.max_increase, keep_last=args.keep_last)  # fmt: skip
         runs = [(a, b) for a, b in selection.runs]
         result["selection"] = json.loads(selection.to_json())
+        cache = pipe.fits
     else:
-        runs = [
-            (r.first, r.last)
-            for r in api.plan(
-                found, args.runs, max_run_length=args.max_run_length, keep_last=args.keep_last
-            )
-        ]
+        chosen = api.plan(pipe.found, args.runs, max_run_length=args.max_run_length,
+                          keep_last=args.keep_last)  # fmt: skip
+        runs = [(r.first, r.last) for r in chosen]
     if not runs:
         raise GraphfuseError("no run was selected: nothing to fuse")
-    if args.repair:
-        # fits judged on the input, or on the exact gate/up form, or without n̂, are not these
-        linear = args.heal == "linear"
-        fits = fits if reference is None and not args.requantize_gate_up and not linear else {}
-        fused, repairs = method.fuse_and_repair(
-            model, runs, windows.calibration, windows.validation, args.threads,
-            cache=fits, reference=reference, requantize=args.requantize_gate_up, linear=linear,
-        )  # fmt: skip
-        result["repairs"] = [asdict(r) for r in repairs]
+    if args.pack_gate_up and not args.repair:
+        fused, _ = api.fuse(model, runs, pack=True, requantize=args.requantize_gate_up)
+        repairs, weights, choice = [], {}, {}
     else:
-        fused, report = api.fuse(
-            model, runs, pack=args.pack_gate_up, requantize=args.requantize_gate_up
-        )
-        result["report"] = asdict(report)
-    onnx_io.save(fused, out)
-    _save_plan(args.save_plan, model, runs, fits=fits if args.repair else None,
-               target="original" if reference is not None else "input",
-               requantize=args.requantize_gate_up, heal=args.heal)  # fmt: skip
+        fused, repairs, weights, choice = pipe.fuse_and_heal(model, runs, cache)
+    result["repairs"] = repairs
+    if folder is None:
+        onnx_io.save(fused, out)
+    else:
+        genai.transform_folder(folder, args.output, lambda _, path: onnx_io.save(fused, path))
+    if args.save_plan is not None:
+        removed = plans.attention_absent(pipe.found)
+        plans.save(pipe.plan(removed, runs, repairs, weights, choice), args.save_plan)
+        print(f"wrote the plan {args.save_plan}", file=sys.stderr)
     result["runs_fused"] = [f"{a}-{b}" for a, b in runs]
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
         print(f"fused runs: {', '.join(result['runs_fused'])}")
-        for r in result.get("repairs", []):
+        for r in repairs:
             print(
                 f"  repaired {r['run']}: λ={r['lam']:g}, validation error of the run output "
-                f"{r['validation_error_fused']:.3f} -> {r['validation_error_repaired']:.3f}"
+                f"{r['validation_error_fused']:.3f} -> {r['validation_error_repaired']:.3f}; "
+                f"α={r['alpha']:g} of the refit kept (validation perplexity)"
             )
         print(f"wrote {args.output}")
     return 0
@@ -410,7 +402,7 @@ def _analyze(args: argparse.Namespace) -> int:
     path = api.model_path(args.model)  # an onnxruntime-genai folder names its model
     onnx_io.load(path)
     model = onnx.load(path)
-    windows = method.windows(args.calib, method.tokenizer(args.tokenizer))
+    windows = method.windows(args.calib, method.tokenizer(args.tokenizer), seq_len=args.seq_len)
     found = api.inspect(model)
     blocks = None if args.blocks is None else api.parse_indices(args.blocks)
     batches = method.feeds(windows.calibration[: args.windows])

@@ -1,13 +1,11 @@
-"""The data-driven half of FFN Fusion, shared by `graphfuse analyze`, `fuse --runs auto
---repair` and `graphfuse demo`: token windows → dependency matrix → run selection checked on
-validation perplexity → fusion with least-squares repair.
-
-Models here are logits models (input ``input_ids``, output ``logits``) held in memory.
+"""Text and thin helpers around the pipeline (`graphfuse.pipeline`): the tokenizer, token
+windows of the user's files or the standard library's docstrings, and in-memory sessions,
+perplexity and repair for logits models (input ``input_ids``, output ``logits``). Run
+selection and healing live in the pipeline (`Pipeline.select`, `Pipeline.fuse_and_heal`).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -69,62 +67,6 @@ def perplexity(model: onnx.ModelProto, ids: np.ndarray, threads: int | None = No
     from graphfuse import evaluate
 
     return evaluate.perplexity(session(model, threads), ids, progress=False)
-
-
-def select(
-    model: onnx.ModelProto,
-    dependency,
-    candidates: list[tuple[int, int]],
-    validation: np.ndarray,
-    *,
-    target_stages: int | None = None,
-    max_increase: float | None = 0.1,
-    keep_last: bool = False,
-    threads: int | None = None,
-    check_windows: int | None = None,
-    calibration: np.ndarray | None = None,
-    max_length: int | None = None,
-    fits: dict | None = None,
-):
-    """The paper's greedy selection over ``candidates`` (maximal runs), each choice checked on
-    validation perplexity (of the first ``check_windows`` windows) against the unfused model's;
-    with ``calibration``, each candidate set is repaired before it is judged, and ``fits``
-    collects the repairs (for :func:`fuse_and_repair` on the same data)."""
-    from graphfuse import api
-    from graphfuse.selection import select_runs
-
-    seen: dict[tuple, float] = {}  # a union of runs can be reached from several candidates
-    fits = {} if fits is None else fits  # a run's repair does not depend on the other runs
-
-    def check(runs: list[tuple[int, int]]) -> float:
-        if tuple(runs) not in seen:
-            seen[tuple(runs)] = measure(runs)
-        return seen[tuple(runs)]
-
-    def measure(runs: list[tuple[int, int]]) -> float:
-        if not runs:
-            return perplexity(model, validation[:check_windows], threads)
-        if calibration is not None:  # judge the runs as they will ship: repaired
-            fused, _ = fuse_and_repair(
-                model, runs, calibration, validation, threads, progress=False, cache=fits
-            )
-        else:
-            fused, _ = api.fuse(model, runs)
-        value = perplexity(fused, validation[:check_windows], threads)
-        shown = ", ".join(f"{a}-{b}" for a, b in runs)
-        print(f"  checked {shown}: validation perplexity {value:.2f}", file=sys.stderr, flush=True)
-        return value
-
-    return select_runs(
-        dependency,
-        candidates,
-        n_blocks=len(api.inspect(model).blocks),
-        target_stages=target_stages,
-        max_increase=max_increase,
-        check=check,
-        keep_last=keep_last,
-        max_length=max_length,
-    )
 
 
 def fuse_and_repair(

@@ -139,13 +139,17 @@ class Pipeline:
         windows: Windows,
         settings: Settings,
         dims: dict[str, int] | None = None,
+        reference: onnx.ModelProto | None = None,
     ) -> None:
         """``dims``: sizes of symbolic input dimensions (an onnxruntime-genai decoder's cache
-        head size: `graphfuse.genai.dims`)."""
+        head size: `graphfuse.genai.dims`). ``reference``: the model whose run outputs a heal
+        fits (``heal_target="original"``) when ``model`` is not it, e.g. ``model`` had its
+        attention removed already (default: ``model``)."""
         import graphfuse
         from graphfuse import evaluate
 
         self.model, self.windows, self.settings = model, windows, settings
+        self.reference = model if reference is None else reference
         self.dims = dims or {}
         self.sessions = Sessions(settings.threads)
         self.found = graphfuse.inspect(model)
@@ -268,7 +272,6 @@ class Pipeline:
     def run(self, layers: list[int], *, analyse: bool = True, only_final: bool = False) -> Result:
         """Remove the attention of ``layers``, fuse the runs that makes, heal, and score
         (``only_final``: the final model alone, against the original's top-1)."""
-        import graphfuse
         from graphfuse.analysis import dependency_matrix
         from graphfuse.passes.drop_attention import drop_attention
 
@@ -285,24 +288,90 @@ class Pipeline:
                 ]
                 dependency = dependency_matrix(removed, batches, blocks=blocks,
                                                threads=s.threads, progress=s.progress)  # fmt: skip
-        with self._timed("fuse"):
-            linear = runs if s.heal == "linear" else []
-            fused, _ = graphfuse.fuse(removed, runs, requantize=self._requantize, linear=linear)
-        healed, repairs, weights, choice = fused, [], {}, {}
-        if runs and s.heal in ("ffn", "linear"):
-            healed, repairs, weights, choice = self._heal(removed, fused, runs)
+        healed, repairs, weights, choice = self.fuse_and_heal(removed, runs)
         with self._timed("evaluate"):
             models = {"original": self.model, "attention removed": removed, "final": healed}
             if only_final:
                 models = {"final": healed}
             scores = {name: self.score(m) for name, m in models.items()}
-        plan = self._plan(layers, runs, repairs, weights, choice)
+        plan = self.plan(layers, runs, repairs, weights, choice)
         stages = self.layers - sum(b - a for a, b in runs)
         return Result(
             plan, runs, scores, {"original": self.layers, "attention removed": self.layers,
                                  "final": stages},
             repairs, choice, dependency, dict(self.seconds), models,
         )  # fmt: skip
+
+    def fuse_and_heal(self, model: onnx.ModelProto, runs: list[tuple[int, int]],
+                      cache: dict | None = None):  # fmt: skip
+        """Fuse ``runs`` of ``model`` and heal them as the settings say: (the model, the repairs,
+        the refitted weights by run, validation perplexity by α). ``cache``: repair fits already
+        made on ``model`` with these settings and windows (`select`'s)."""
+        import graphfuse
+
+        s = self.settings
+        with self._timed("fuse"):
+            linear = runs if s.heal == "linear" else []
+            fused, _ = graphfuse.fuse(model, runs, requantize=self._requantize, linear=linear)
+        if not runs or s.heal not in ("ffn", "linear"):
+            return fused, [], {}, {}
+        healed, repairs, weights, choice = self._heal(model, fused, runs, cache)
+        if linear and not weights:  # the plain join won (α = 0): ship it without n̂, as its plan
+            healed, _ = graphfuse.fuse(model, runs, requantize=self._requantize)
+        return healed, repairs, weights, choice
+
+    def select(
+        self,
+        candidates: list[tuple[int, int]],
+        *,
+        target_stages: int | None = None,
+        max_increase: float | None = 0.1,
+        keep_last: bool = False,
+        max_length: int | None = None,
+    ):
+        """The paper's greedy selection (`graphfuse.selection`) over ``candidates`` (runs of the
+        model, which has its attention removed already), from the dependency matrix on the
+        calibration windows; each set of runs is checked on validation perplexity of the model
+        fused with them, and healed first when the settings heal. Returns the selection; its
+        repair fits stay in ``self.fits`` for `fuse_and_heal`."""
+        import graphfuse
+        from graphfuse import evaluate
+        from graphfuse.analysis import dependency_matrix
+        from graphfuse.repair import repair_runs
+        from graphfuse.selection import select_runs
+
+        s = self.settings
+        blocks = sorted({i for a, b in candidates for i in range(a, b + 1)})
+        with self._timed("analyse"):
+            batches = [
+                self.feeds(w[None]) for w in self.windows.calibration[: s.dependency_windows]
+            ]
+            dependency = dependency_matrix(self.model, batches, blocks=blocks, threads=s.threads,
+                                           progress=s.progress)  # fmt: skip
+        seen: dict[tuple, float] = {}  # a union of runs can be reached from several candidates
+        self.fits: dict = {}  # a run's fit does not depend on the other runs
+
+        def check(runs: list[tuple[int, int]]) -> float:
+            if tuple(runs) in seen:
+                return seen[tuple(runs)]
+            model = self.model
+            if runs and s.heal in ("ffn", "linear"):  # judged as they will ship: healed
+                model, _ = repair_runs(
+                    self.model, runs, self._batches(self.windows.calibration),
+                    self._batches(self.windows.validation), threads=s.threads, progress=False,
+                    cache=self.fits, reference=self._heal_reference,
+                    requantize=self._requantize, linear=s.heal == "linear",
+                )  # fmt: skip
+            elif runs:
+                model, _ = graphfuse.fuse(self.model, runs, requantize=self._requantize)
+            seen[tuple(runs)] = evaluate.perplexity(self.sessions(model), self.windows.validation,
+                                                    progress=False, dims=self.dims)  # fmt: skip
+            return seen[tuple(runs)]
+
+        with self._timed("select"):
+            return select_runs(dependency, candidates, n_blocks=self.layers,
+                               target_stages=target_stages, max_increase=max_increase,
+                               check=check, keep_last=keep_last, max_length=max_length)  # fmt: skip
 
     def curve(self, order: list[int], stages: list[int]) -> list[dict]:
         """The depth/quality curve: for each FFN-stage count, the removals taken in ``order``
@@ -328,17 +397,20 @@ class Pipeline:
             del result
         return points
 
-    def _heal(self, removed, fused, runs):
+    @property
+    def _heal_reference(self) -> onnx.ModelProto | None:
+        return self.reference if self.settings.heal_target == "original" else None
+
+    def _heal(self, removed, fused, runs, cache: dict | None = None):
         from graphfuse import evaluate
         from graphfuse.repair import repair_runs, set_down_weight
 
-        cache: dict = {}
+        cache = {} if cache is None else cache
         with self._timed("heal"):
             _, repairs = repair_runs(
                 removed, runs, self._batches(self.windows.calibration),
                 self._batches(self.windows.validation), threads=self.settings.threads,
-                progress=self.settings.progress, cache=cache,
-                reference=self.model if self.settings.heal_target == "original" else None,
+                progress=self.settings.progress, cache=cache, reference=self._heal_reference,
                 requantize=self._requantize, linear=self.settings.heal == "linear",
             )  # fmt: skip
             joins = {run: _down_weight(fused, *run) for run in runs}
@@ -346,10 +418,10 @@ class Pipeline:
         with self._timed("choose"):
             for alpha in SHRINKAGE:
                 model = _copy(fused)
-                for run in runs:
+                for a, b in runs:
                     if alpha:
-                        w = joins[run] + alpha * (cache[run][0] - joins[run])
-                        set_down_weight(model, *run, w.astype(np.float32))
+                        w = joins[a, b] + alpha * (cache[a, b][0] - joins[a, b])
+                        set_down_weight(model, a, b, w.astype(np.float32))
                 ppl = evaluate.perplexity(self.sessions(model), self.windows.validation,
                                           progress=False, dims=self.dims)  # fmt: skip
                 choice[f"{alpha:g}"] = ppl
@@ -389,7 +461,9 @@ class Pipeline:
     def _requantize(self) -> bool:
         return self.settings.gate_up == "requantized"
 
-    def _plan(self, layers, runs, repairs, weights, choice) -> plans.Plan:
+    def plan(self, layers, runs, repairs, weights, choice) -> plans.Plan:
+        """The plan of removing the attention of ``layers`` and fusing and healing ``runs`` (what
+        `fuse_and_heal` returned)."""
         plan = plans.Plan(
             plans.source_of(self.found), sorted(layers), gate_up=self.settings.gate_up
         )

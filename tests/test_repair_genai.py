@@ -193,3 +193,41 @@ def test_the_linear_stand_in_starts_as_the_plain_join_and_fits_closer(
         print(f"{precision} linear={heal}: {fit.validation_error_fused:.3f} -> {errors[heal]:.3f}")
     _check(repaired)
     assert errors[True] < errors[False]
+
+
+@pytest.mark.parametrize("heal", ["ffn", "linear"])
+def test_cli_fuse_auto_and_heal_on_a_genai_folder(
+    genai_folder, dropped, tokenizer_dir: Path, tmp_path: Path, capsys, heal: str
+) -> None:
+    """`graphfuse fuse FOLDER --runs auto --repair-to ORIGINAL --heal …` runs the pipeline on an
+    onnxruntime-genai folder (its decoder fed as the runtime feeds it): the selection checked
+    healed, the heal fitted to the folder before attention removal, a folder
+    onnxruntime-genai generates from, and a plan that `apply` replays into the same model."""
+    from graphfuse import plan as plans
+    from graphfuse.cli import main
+    from graphfuse.models import genai_build
+
+    folder, original = dropped("llama", "fp32"), genai_folder("llama", "fp32")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(Path(argparse.__file__).read_text())
+    out, plan = tmp_path / "fused", tmp_path / "plan.json"
+    argv = ["fuse", str(folder), "--runs", "auto", "--target-stages", "4", "--max-increase", "10",
+            "--repair-to", str(original), "--heal", heal, "--calib", str(calib), "--tokenizer",
+            str(tokenizer_dir), "--seq-len", str(SEQ), "-o", str(out), "--save-plan", str(plan),
+            "--json"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["selection"]["stages_after"] <= 4 and result["runs_fused"]
+    assert len(result["repairs"]) == len(result["runs_fused"])
+    saved = plans.load(plan)
+    assert saved.attention_removed == [2, 3, 4]
+    assert [f"{r.first}-{r.last}" for r in saved.runs] == result["runs_fused"]
+    assert {r.heal for r in saved.runs} <= {heal, "none"}
+    assert all(r.target == "original" for r in saved.runs if r.heal != "none")
+    assert len(genai_build.generate(out, "def fibonacci(n):", max_new_tokens=4)) == 4
+    replayed = tmp_path / "replayed"
+    assert main(["apply", str(plan), str(original), "-o", str(replayed)]) == 0
+    a, b = (onnx.load(str(f / "model.onnx")) for f in (out, replayed))
+    assert {t.name: t.raw_data for t in a.graph.initializer} == {
+        t.name: t.raw_data for t in b.graph.initializer
+    }
