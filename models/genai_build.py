@@ -67,12 +67,18 @@ def save_tokenizer(tokenizer: Any, folder: Path) -> Path:
 
 
 def build(
-    hf_dir: Path, out_dir: Path, precision: str = "int4", *, cache: Path | None = None
+    hf_dir: Path,
+    out_dir: Path,
+    precision: str = "int4",
+    *,
+    cache: Path | None = None,
+    execution_provider: str = "cpu",
 ) -> Path:
-    """Run onnxruntime-genai's model builder for the CPU; returns ``out_dir``."""
+    """Run onnxruntime-genai's model builder (for the CPU unless ``execution_provider`` says
+    otherwise: its fp16 models exist only for GPUs, ``"cuda"``); returns ``out_dir``."""
     cache = cache or out_dir.with_name(out_dir.name + ".cache")
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir)]
-    cmd += ["-o", str(out_dir), "-p", precision, "-e", "cpu", "-c", str(cache)]
+    cmd += ["-o", str(out_dir), "-p", precision, "-e", execution_provider, "-c", str(cache)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     shutil.rmtree(cache, ignore_errors=True)
     if proc.returncode != 0 or not (out_dir / "genai_config.json").is_file():

@@ -10,6 +10,7 @@ every block of the run reading the run's input) in ONNX Runtime.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -31,13 +32,17 @@ RUN = Run(1, 4)  # attention removed in layers 2, 3, 4 (conftest.DROPPED): block
 BUILDS = [(arch, p) for arch in ("llama", "qwen2", "mistral", "gemma") for p in ("fp32", "int4")]
 
 
-def _run_output(model: onnx.ModelProto, value: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """``value`` computed by ONNX Runtime (optimisations off, so nothing is fused behind us)."""
+def _run_output(
+    model: onnx.ModelProto,
+    value: str,
+    feeds: dict[str, np.ndarray],
+    elem: int = onnx.TensorProto.FLOAT,
+) -> np.ndarray:
+    """``value`` (of element type ``elem``) computed by ONNX Runtime (optimisations off, so
+    nothing is fused behind us)."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
-    exposed.graph.output.append(
-        onnx.helper.make_tensor_value_info(value, onnx.TensorProto.FLOAT, None)
-    )
+    exposed.graph.output.append(onnx.helper.make_tensor_value_info(value, elem, None))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(
@@ -128,6 +133,31 @@ def test_fused_run_equals_parallel_reference(
     # and the approximation is not the identity: the sequential run differs
     sequential = _run_output(found.index.model, value, feeds)
     assert _relative_error(sequential, expected) > 10 * TOLERANCE[precision]
+
+
+def test_fp16_build_fuses_within_fp16_rounding(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """onnxruntime-genai's builder writes fp16 models for GPUs only (``-p fp16 -e cuda``; fp16
+    on the CPU is not a combination it offers), but ONNX Runtime's CPU provider runs their ops.
+    Attention 2-4 removed and run 1-4 fused: the fused run equals the parallel reference within
+    two fp16 steps at the largest output (2·2⁻¹⁰ relative): the wide down projection sums all ΣI
+    products before rounding its output once, where the reference rounds each block's output
+    and then each residual Add, so the two differ by a few roundings of values ≤ max |y|."""
+    hf = genai_build.tiny_hf_folder("llama", tmp_path / "hf", tokenizer_dir, num_hidden_layers=LAYERS)  # fmt: skip
+    built = genai_build.build(hf, tmp_path / "fp16", "fp16", execution_provider="cuda")
+    dropped = tmp_path / "dropped"
+    drop_attention_file(built, dropped, "2-4")
+    model = onnx.load(str(dropped / "model.onnx"))
+    found = graphfuse.inspect(model)
+    assert {b.dtype for b in found.blocks} == {"float16"}
+    fused, _ = graphfuse.fuse(model, [(RUN.first, RUN.last)])
+    value = found.blocks[RUN.last].residual_out
+    feeds = _prefill_feeds(model, dropped, tokens=16)
+    feeds = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in feeds.items()}
+    run = functools.partial(_run_output, value=value, feeds=feeds, elem=onnx.TensorProto.FLOAT16)
+    expected = run(parallel_reference(found, [RUN]))
+    tolerance = 2 * 2**-10
+    assert _relative_error(run(fused), expected) <= tolerance
+    assert _relative_error(run(found.index.model), expected) > 10 * tolerance  # not the identity
 
 
 def test_requantized_gate_up(dropped, tmp_path: Path) -> None:
