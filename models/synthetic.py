@@ -30,16 +30,26 @@ DTYPES = {
 
 @dataclass(frozen=True)
 class Variant:
-    norm: str = "reciprocal"  # reciprocal | div | rmsnorm_op | simplified
+    # reciprocal | div | rmsnorm_op | simplified | skip (onnxruntime-genai's chain: block i's
+    # residual Add lives in block i+1's SkipSimplifiedLayerNormalization, gains in the ops)
+    norm: str = "reciprocal"
     square: str = "pow"  # pow | mul
     cast_island: bool = False  # norm in fp32 between Casts (what fp16/bf16 exports do)
     stray_casts: bool = False  # no-op Cast and CastLike on the block's edges
-    weights: str = "matmul"  # matmul | transpose | gemm | reshape
+    weights: str = "matmul"  # matmul | transpose | gemm | reshape | nbits (MatMulNBits)
+    bits: int = 4  # nbits: 4 or 8, quantised by onnxruntime's quantiser
+    block_size: int = 16  # nbits
+    zero_points: bool = False  # nbits: asymmetric, with uint8-packed zero points
     bias: bool = False
     commute: bool = False  # swap the operands of every Mul and Add
     gate_up: str = "separate"  # separate | split_gate_first | split_up_first | slice_…
     activation: str = "silu"  # silu | swish | gelu | gelu_tanh | gelu_op | gelu_tanh_op
     shared_gain: bool = False  # every norm gain is the same all-ones initializer
+
+    @property
+    def contrib(self) -> bool:
+        """Uses com.microsoft ops (SkipSimplifiedLayerNormalization, MatMulNBits)."""
+        return self.norm == "skip" or self.weights == "nbits"
 
     @property
     def opset(self) -> int:
@@ -87,6 +97,7 @@ class _Builder:
         self.elem = elem
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, TensorProto] = {}
+        self.quantized: dict[str, tuple] = {}  # nbits: projection → (B, scales, zero points, k, n)
 
     def const(self, name: str, array: np.ndarray) -> str:
         if name not in self.inits:
@@ -161,10 +172,53 @@ def _norm(b: _Builder, x: str, w: BlockWeights, gain: str, p: str) -> str:
     return b.op("Mul", [gain, y], f"{p}/gain")
 
 
+def _skip_norm(
+    b: _Builder, x: str, pending: tuple[str, str] | None, eps: float, gain: str, p: str
+) -> tuple[str, str]:
+    """(normed, stream): onnxruntime-genai's spelling. The first norm is a
+    SimplifiedLayerNormalization of x; every later one a SkipSimplifiedLayerNormalization of
+    the previous block's (x, y) whose output 3, x + y, carries the stream on."""
+    if pending is None:
+        b.nodes.append(helper.make_node("SimplifiedLayerNormalization", [x, gain], [f"{p}/rms"],
+                                        name=f"{p}/rms", axis=-1, epsilon=eps))  # fmt: skip
+        return f"{p}/rms", x
+    outputs = [f"{p}/rms", "", "", f"{p}/stream"]
+    b.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [*pending, gain], outputs,
+                                    name=f"{p}/skip_rms", domain="com.microsoft", epsilon=eps))  # fmt: skip
+    return f"{p}/rms", f"{p}/stream"
+
+
+def _quantize(b: _Builder, w: BlockWeights, p: str) -> None:
+    """Quantise the block's projections with onnxruntime's quantiser (the arrays MatMulNBits
+    reads go to the builder) and keep their dequantised values as the block's weights, so the
+    float64 reference computes with what the model computes with."""
+    from graphfuse.blocks import Quant
+    from graphfuse.nbits import dequantize, quantize
+
+    v = b.v
+    for role in ("gate", "up", "down"):
+        matrix = getattr(w, role)
+        k, n = matrix.shape
+        quant = Quant("", None, v.bits, v.block_size, 0, k, n)
+        packed, scales, zero_points = quantize(matrix, quant, zero_points=v.zero_points)
+        b.quantized[f"{p}/{role}"] = (packed, scales, zero_points, k, n)
+        setattr(w, role, dequantize(packed, scales, zero_points, quant).T.astype(matrix.dtype))
+
+
 def _project(b: _Builder, x: str, w: np.ndarray, bias: np.ndarray | None, p: str) -> str:
     """x @ w (+ bias), spelled the way the variant says."""
     v = b.v
-    if v.weights in ("gemm", "reshape"):
+    if v.weights == "nbits":
+        packed, scales, zero_points, k, n = b.quantized[p]
+        inputs = [x, b.const(f"{p}/weight", packed), b.const(f"{p}/scales", scales)]
+        if zero_points is not None:
+            inputs.append(b.const(f"{p}/zero_points", zero_points))
+        b.nodes.append(helper.make_node(
+            "MatMulNBits", inputs, [f"{p}/matmul"], name=f"{p}/matmul", domain="com.microsoft",
+            K=k, N=n, bits=v.bits, block_size=v.block_size, accuracy_level=0,
+        ))  # fmt: skip
+        y = f"{p}/matmul"
+    elif v.weights in ("gemm", "reshape"):
         flat = b.op(
             "Reshape",
             [x, b.const(f"shape_2d_{w.shape[0]}", np.array([-1, w.shape[0]], np.int64))],
@@ -281,6 +335,7 @@ def build(
 
     weights: list[BlockWeights] = []
     attention: dict[int, AttentionWeights] = {}
+    pending: tuple[str, str] | None = None  # skip: the residual Add the next norm performs
     x = "x"
     if variant.stray_casts and dtype == "float32":
         x = b.cast(x, TensorProto.FLOAT, "stray/cast")
@@ -305,13 +360,23 @@ def build(
             )
         weights.append(w)
         p = f"block{i}"
+        if variant.weights == "nbits":
+            _quantize(b, w, p)
         gain_name = b.const("gain_ones" if variant.shared_gain else f"{p}/norm/gamma", gain)
-        z = _norm(b, x, w, gain_name, f"{p}/norm")
+        if variant.norm == "skip":
+            z, x = _skip_norm(b, x, pending, w.eps, gain_name, f"{p}/norm")
+        else:
+            z = _norm(b, x, w, gain_name, f"{p}/norm")
         gate, up = _gate_up(b, z, w, p)
         h = b.op("Mul", [_activation(b, gate, f"{p}/act"), up], f"{p}/product")
         y = _project(b, h, w.down, w.down_bias, f"{p}/down")
         if variant.stray_casts and dtype == "float32":
             y = b.op("CastLike", [y, x], f"{p}/castlike")
+        last = i == len(intermediates) - 1
+        if variant.norm == "skip" and not last and i not in attention_after:
+            pending = (x, y)  # block i+1's norm adds them
+            continue
+        pending = None
         x = b.op("Add", [x, y], f"{p}/residual")
         if i in attention_after:
             a = AttentionWeights(rand(hidden, hidden), rand(hidden, hidden), rand(hidden, hidden))
@@ -325,9 +390,10 @@ def build(
         [helper.make_tensor_value_info("y", elem, ["batch", "seq", hidden])],
         list(b.inits.values()),
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", variant.opset)], ir_version=10
-    )
+    opsets = [helper.make_opsetid("", variant.opset)]
+    if variant.contrib:
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=10)
     return Synthetic(model, weights, attention, _kind(variant.activation), dtype)
 
 

@@ -195,6 +195,36 @@ def test_property_fused_equals_parallel_reference(hidden, widths, variant, dtype
     assert relative_error(run(fused, x), expected) < TOLERANCE[dtype]
 
 
+# The families onnxruntime-genai's builder writes, node by node: the SkipSimplifiedLayerNormalization
+# chain (a block's residual Add in the next block's norm) and MatMulNBits projections (quantised
+# by onnxruntime's quantiser; the reference computes with the dequantised weights).
+FAMILIES = {
+    "skip_norm_chain": Variant(norm="skip"),
+    "nbits4": Variant(weights="nbits"),
+    "nbits4_zero_points_block32": Variant(weights="nbits", zero_points=True, block_size=32),
+    "nbits8": Variant(weights="nbits", bits=8),
+    "skip_chain_nbits4_zero_points": Variant(norm="skip", weights="nbits", zero_points=True),
+}
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    hidden=st.sampled_from([32, 64]),
+    widths=st.lists(st.sampled_from([32, 64, 96]), min_size=2, max_size=5),
+    family=st.sampled_from(sorted(FAMILIES)),
+    seed=st.integers(0, 2**16),
+)
+def test_property_builder_families_fuse_exactly(hidden, widths, family, seed) -> None:
+    """Widths are multiples of the block size (32 at most): the down projections join along K."""
+    model = build(hidden, widths, variant=FAMILIES[family], seed=seed)
+    fused, report = graphfuse.fuse(model.model)
+    assert report.runs_fused == [f"0-{len(widths) - 1}"]
+    x = probe(hidden, "float32", seed)
+    expected = reference(model, x, runs=[(0, len(widths) - 1)])
+    for optimize in (False, True):
+        assert relative_error(run(fused, x, optimize), expected) < TOLERANCE["float32"]
+
+
 def test_graphsurgeon_graph_round_trip() -> None:
     """TensorRT-side pipelines hold onnx-graphsurgeon Graphs: one in, one out, still exact."""
     import onnx_graphsurgeon as gs
