@@ -87,13 +87,13 @@ def build(
     return out_dir
 
 
-def generate(folder: Path, prompt: str, max_new_tokens: int = 8) -> list[int]:
-    """Greedy continuation of ``prompt`` by onnxruntime-genai, as token ids."""
+def generate(folder: Path, prompt: str | list[int], max_new_tokens: int = 8) -> list[int]:
+    """Greedy continuation of ``prompt`` (text, or token ids) by onnxruntime-genai, as token
+    ids."""
     import onnxruntime_genai as og
 
     model = og.Model(str(folder))
-    tokenizer = og.Tokenizer(model)
-    tokens = tokenizer.encode(prompt)
+    tokens = og.Tokenizer(model).encode(prompt) if isinstance(prompt, str) else prompt
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(tokens) + max_new_tokens, do_sample=False)
     generator = og.Generator(model, params)

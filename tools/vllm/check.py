@@ -90,20 +90,6 @@ def onnx_logprobs(folder: Path, ids: list[int]) -> tuple[np.ndarray, np.ndarray,
     return logp[np.arange(len(ids) - 1), ids[1:]], logp.argmax(-1), top[:, 1] - top[:, 0]
 
 
-def og_greedy(folder: Path, ids: list[int], n: int) -> list[int]:
-    """onnxruntime-genai's greedy continuation of ``ids`` (token ids in, token ids out)."""
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + n, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(ids)
-    while not generator.is_done():
-        generator.generate_next_token()
-    return [int(t) for t in generator.get_sequence(0)[len(ids) :]]
-
-
 def prompts_for(hf_dir: Path, count: int = 3) -> list[list[int]]:
     from transformers import AutoTokenizer
 
@@ -130,8 +116,10 @@ def build(plan: Path, hf_dir: Path, work: Path) -> tuple[Path, Path]:
 def compare(onnx_folder: Path, nas: Path, prompts: list[list[int]], tps=(1,),
             max_tokens: int = 16) -> dict:  # fmt: skip
     """vLLM (each TP size) against ONNX Runtime / onnxruntime-genai on the same prompts."""
+    from graphfuse.models import genai_build
+
     ort = [onnx_logprobs(onnx_folder, p) for p in prompts]
-    greedy = [og_greedy(onnx_folder, p, max_tokens) for p in prompts]
+    greedy = [genai_build.generate(onnx_folder, p, max_tokens) for p in prompts]
     ort_nll = -np.concatenate([lp for lp, _, _ in ort])
     rows = {}
     for tp in tps:
