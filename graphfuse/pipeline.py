@@ -150,6 +150,7 @@ class Pipeline:
 
         self.model, self.windows, self.settings = model, windows, settings
         self.reference = model if reference is None else reference
+        self._fit_feeds: tuple[list[dict], list[dict]] | None = None  # the fits' feeds, made once
         self.dims = dims or {}
         self.sessions = Sessions(settings.threads)
         self.found = graphfuse.inspect(model)
@@ -337,7 +338,6 @@ class Pipeline:
         import graphfuse
         from graphfuse import evaluate
         from graphfuse.analysis import dependency_matrix
-        from graphfuse.repair import repair_runs
         from graphfuse.selection import select_runs
 
         s = self.settings
@@ -356,12 +356,7 @@ class Pipeline:
                 return seen[tuple(runs)]
             model = self.model
             if runs and s.heal in ("ffn", "linear"):  # judged as they will ship: healed
-                model, _ = repair_runs(
-                    self.model, runs, self._batches(self.windows.calibration),
-                    self._batches(self.windows.validation), threads=s.threads, progress=False,
-                    cache=self.fits, reference=self._heal_reference,
-                    requantize=self._requantize, linear=s.heal == "linear",
-                )  # fmt: skip
+                model, _ = self._repair(self.model, runs, self.fits, progress=False)
             elif runs:
                 model, _ = graphfuse.fuse(self.model, runs, requantize=self._requantize)
             seen[tuple(runs)] = evaluate.perplexity(self.sessions(model), self.windows.validation,
@@ -397,22 +392,29 @@ class Pipeline:
             del result
         return points
 
-    @property
-    def _heal_reference(self) -> onnx.ModelProto | None:
-        return self.reference if self.settings.heal_target == "original" else None
+    def _repair(self, model: onnx.ModelProto, runs: list[tuple[int, int]], cache: dict,
+                progress: bool):  # fmt: skip
+        """`repair_runs` as the settings say (target, gate/up form, linear stand-in), on the
+        calibration and validation windows' feeds (made once)."""
+        from graphfuse.repair import repair_runs
+
+        s = self.settings
+        if self._fit_feeds is None:
+            self._fit_feeds = (self._batches(self.windows.calibration),
+                               self._batches(self.windows.validation))  # fmt: skip
+        return repair_runs(
+            model, runs, *self._fit_feeds, threads=s.threads, progress=progress, cache=cache,
+            reference=self.reference if s.heal_target == "original" else None,
+            requantize=self._requantize, linear=s.heal == "linear",
+        )  # fmt: skip
 
     def _heal(self, removed, fused, runs, cache: dict | None = None):
         from graphfuse import evaluate
-        from graphfuse.repair import repair_runs, set_down_weight
+        from graphfuse.repair import set_down_weight
 
         cache = {} if cache is None else cache
         with self._timed("heal"):
-            _, repairs = repair_runs(
-                removed, runs, self._batches(self.windows.calibration),
-                self._batches(self.windows.validation), threads=self.settings.threads,
-                progress=self.settings.progress, cache=cache, reference=self._heal_reference,
-                requantize=self._requantize, linear=self.settings.heal == "linear",
-            )  # fmt: skip
+            _, repairs = self._repair(removed, runs, cache, progress=self.settings.progress)
             joins = {run: _down_weight(fused, *run) for run in runs}
         choice, best = {}, None
         with self._timed("choose"):
