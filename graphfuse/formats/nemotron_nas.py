@@ -99,6 +99,7 @@ def padded(width: int) -> int:
 class _Source:
     config: dict[str, Any]
     tensor: Callable[[str], torch.Tensor]  # by Hugging Face name, as stored
+    shape: Callable[[str], list[int]]  # without reading the tensor
     copy_extras: Callable[[Path], None]  # tokenizer and generation files into the output
 
 
@@ -135,11 +136,17 @@ def _from_folder(folder: Path) -> Iterator[_Source]:
         )
     handles: dict[str, Any] = {}
 
-    def tensor(name: str) -> torch.Tensor:
+    def handle(name: str) -> Any:
         file = weight_map.get(name, "model.safetensors")
         if file not in handles:
             handles[file] = safe_open(str(folder / file), framework="pt")
-        return handles[file].get_tensor(name)
+        return handles[file]
+
+    def tensor(name: str) -> torch.Tensor:
+        return handle(name).get_tensor(name)
+
+    def shape(name: str) -> list[int]:
+        return list(handle(name).get_slice(name).get_shape())
 
     def copy_extras(out: Path) -> None:
         for item in folder.iterdir():
@@ -150,7 +157,7 @@ def _from_folder(folder: Path) -> Iterator[_Source]:
             ):
                 shutil.copy2(item, out / item.name)
 
-    yield _Source(config, tensor, copy_extras)
+    yield _Source(config, tensor, shape, copy_extras)
     handles.clear()
 
 
@@ -174,7 +181,7 @@ def _from_gguf(path: Path) -> _Source:
     def copy_extras(out: Path) -> None:
         tokenizer.save_pretrained(out)
 
-    return _Source(config, weights.__getitem__, copy_extras)
+    return _Source(config, weights.__getitem__, lambda name: list(weights[name].shape), copy_extras)
 
 
 # -- checks ----------------------------------------------------------------------------------------
@@ -211,7 +218,7 @@ def _source(src: _Source, name: str) -> Source:
     for j in range(layers):
         gain = src.tensor(f"model.layers.{j}.post_attention_layernorm.weight")
         digest.update(gain.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
-        widths.append(int(src.tensor(f"model.layers.{j}.mlp.gate_proj.weight").shape[0]))
+        widths.append(int(src.shape(f"model.layers.{j}.mlp.gate_proj.weight")[0]))
     return Source(layers, int(c["hidden_size"]), tuple(widths), digest.hexdigest()[:16])
 
 
