@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from test_plan import _refused  # one line, 'graphfuse: error: …', no traceback
 
 import graphfuse
 from graphfuse import evaluate, genai
@@ -145,14 +146,6 @@ def test_ffn_mult_round_trips_through_every_readers_formula() -> None:
             assert nemotron_nas.width_of(nemotron_nas.ffn_mult(width, hidden), hidden) == width
     with pytest.raises(GraphfuseError, match="cannot be expressed"):
         nemotron_nas.ffn_mult(300, 64)
-
-
-def _refused(args: list[str], capsys) -> str:
-    capsys.readouterr()  # what building the fixtures printed
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err and "\n" not in err and "Traceback" not in err
-    return err
 
 
 def test_bad_input_is_refused_in_one_line_and_leaves_nothing(
