@@ -30,17 +30,21 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-from onnx import external_data_helper, helper
+import onnx_ir as ir
+from onnx import external_data_helper
 from tqdm import tqdm
 
-from graphfuse import onnx_io
+from graphfuse import ir as irs
+from graphfuse import onnx_io, skip_norm
 from graphfuse.blocks import FfnBlock
 from graphfuse.errors import GraphfuseError
-from graphfuse.graph import GraphIndex
-from graphfuse.surgery import empty_like, rebuild, with_outputs
+
+if TYPE_CHECKING:
+    from graphfuse.api import Inspection
 
 ModelLike = onnx.ModelProto | str | os.PathLike
 RULE = "graphfuse.analysis"
@@ -101,8 +105,9 @@ class Dependency:
 # -- model edits -----------------------------------------------------------------------------------
 
 
-# A copy of a model that also returns some interior values (see graphfuse.surgery).
-expose = with_outputs
+def expose(model: onnx.ModelProto, values: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also returns ``values`` (interior values or graph inputs)."""
+    return irs.to_proto(irs.with_outputs(irs.from_proto(model), values))
 
 
 def bypass_ffn(
@@ -111,135 +116,68 @@ def bypass_ffn(
     """``model`` without FFN block ``block``: readers of its residual output read its residual
     input instead (through an Identity where the output is a graph output, to keep its name),
     and the FFN branch, left dead, is removed."""
-    g, blocks = _blocks(model, base_dir)
-    if not 0 <= block < len(blocks):
-        raise GraphfuseError(f"no FFN block {block}: the model has blocks 0-{len(blocks) - 1}")
-    return rebuild(g, _edited_nodes(g, bypass=blocks[block]))
+    found = _inspected(model, base_dir)
+    if not 0 <= block < len(found.blocks):
+        raise GraphfuseError(
+            f"no FFN block {block}: the model has blocks 0-{len(found.blocks) - 1}"
+        )
+    _bypass(found.model, found.blocks[block])
+    irs.remove_dead(found.model)
+    skip_norm.join(found.model, found.split)
+    return irs.to_proto(found.model)
 
 
-def _edited_nodes(
-    g: GraphIndex, *, bypass: FfnBlock | None = None, cut: str | None = None
-) -> list[onnx.NodeProto]:
-    """``g``'s nodes with block ``bypass`` short-circuited and the producer of ``cut`` removed
-    (``cut`` becomes a graph input); `rebuild` then drops what this left dead."""
-    cut_at = g.producer.get(cut) if cut is not None else None
-    nodes = []
-    for k, node in enumerate(g.nodes):
-        if k == cut_at:
-            continue
-        if bypass is not None and k == bypass.residual_add:
-            if bypass.residual_out in g.graph_outputs:
-                nodes.append(
-                    helper.make_node(
-                        "Identity", [bypass.residual_in], [bypass.residual_out],
-                        name=node.name or bypass.residual_out,
-                        doc_string=f"{RULE}: FFN block {bypass.index} bypassed",
-                    )
-                )  # fmt: skip
-            continue
-        if bypass is not None and bypass.residual_out in node.input:
-            renamed = onnx.NodeProto()
-            renamed.CopyFrom(node)
-            renamed.input[:] = [
-                bypass.residual_in if v == bypass.residual_out else v for v in node.input
-            ]
-            node = renamed
-        nodes.append(node)
-    return nodes
+def _bypass(model: ir.Model, block: FfnBlock) -> None:
+    """Short-circuit ``block`` in ``model`` (the one it was found in, or a clone of it)."""
+    named = irs.values(model.graph)
+    x, y = named[block.residual_in], named[block.residual_out]
+    add = y.producer()
+    assert add is not None
+    if y.is_graph_output():
+        identity = ir.node("Identity", [x], name=add.name or y.name,
+                           doc_string=f"{RULE}: FFN block {block.index} bypassed")  # fmt: skip
+        ir.convenience.replace_nodes_and_values(
+            model.graph, add, [add], [identity], [y], [identity.outputs[0]]
+        )
+    else:
+        ir.convenience.replace_all_uses_with(y, x)
 
 
 def _analysis_model(
-    model: onnx.ModelProto,
-    g: GraphIndex,
-    types: Mapping[str, onnx.TypeProto],
-    outputs: list[str],
-    *,
-    bypass: FfnBlock | None = None,
+    found: Inspection, outputs: list[str], *, bypass: FfnBlock | None = None
 ) -> tuple[onnx.ModelProto, str | None]:
     """A model whose only outputs are ``outputs`` (optionally with block ``bypass`` removed).
 
     With ``bypass``, the model starts at the block's residual input, which becomes a graph
     input (returned as the second value, None if it cannot be cut there): the prefix is the same
     as in the baseline, so the caller feeds the baseline's value instead of recomputing it.
-    The edit runs on a weight-free view, and the weights still read are copied once at the end.
+    The edit runs on a clone (tensors shared); the weights still read are loaded at the end.
     """
-    view = empty_like(model)
-    view.graph.node.extend(model.graph.node)
-    view.graph.value_info.extend(model.graph.value_info)
-    _add_outputs(view, outputs, types)
-    gv = GraphIndex(view)
+    model = irs.with_outputs(found.model, outputs, only=True)
+    graph = model.graph
     cut = None
     if bypass is not None:
-        at = gv.producer.get(bypass.residual_in)
+        x = irs.values(graph)[bypass.residual_in]
+        node = x.producer()
         # A node with other outputs (an ORT-fused SkipLayerNorm, say) cannot simply go.
-        if at is not None and len([v for v in gv.node(at).output if v]) == 1:
+        if node is not None and len([v for v in node.outputs if v.name]) == 1:
             cut = bypass.residual_in
-    keep = set(outputs)
-    edited = rebuild(
-        gv,
-        _edited_nodes(gv, bypass=bypass, cut=cut),
-        drop_outputs={v for v in gv.graph_outputs if v not in keep},
-    )
-    read = {v for node in edited.graph.node for v in node.input} | keep
-    weights = [t for t in model.graph.initializer if t.name in read]
+            fed = ir.Value(name=None, type=x.type, shape=x.shape)
+            ir.convenience.replace_all_uses_with(x, fed, replace_graph_outputs=True)
+            x.name, fed.name = None, cut
+            graph.inputs.append(fed)
+        _bypass(model, bypass)
+    irs.remove_dead(model)
     # Old exports list weights among the graph inputs too; one no longer read would become an
     # input without a value that the caller would have to feed.
-    stale = {t.name for t in model.graph.initializer} - read
-    inputs = [v for v in edited.graph.input if v.name not in stale]
-    del edited.graph.input[:]
-    edited.graph.input.extend(inputs)
-    if cut is not None:
-        edited.graph.input.append(helper.make_value_info(cut, types[cut]))
-    edited.graph.initializer.extend(weights)
-    _load_external_data(edited, g.base_dir)
-    return edited, cut
+    stale = [v for v in graph.inputs if v.is_initializer() and not v.uses()]
+    for v in stale:
+        graph.inputs.remove(v)
+        graph.initializers.pop(v.name)  # type: ignore[arg-type]
+    return irs.runnable(model), cut
 
 
-def _load_external_data(model: onnx.ModelProto, base_dir: str) -> None:
-    """Read external weights into ``model`` (a copy made for one session).
-
-    ONNX Runtime cannot take a model from bytes whose weights stay in a file: its external data
-    folder option is not honoured by every loading step (shape inference of constant inputs,
-    validation of large tensors' paths), so each session gets its weights in memory.
-    """
-    for tensor in model.graph.initializer:
-        if external_data_helper.uses_external_data(tensor):
-            external_data_helper.load_external_data_for_tensor(tensor, base_dir)
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            del tensor.external_data[:]
-
-
-def _add_outputs(
-    model: onnx.ModelProto, values: list[str], types: Mapping[str, onnx.TypeProto]
-) -> None:
-    present = {v.name for v in model.graph.output}
-    for value in dict.fromkeys(values):
-        if value not in present:
-            model.graph.output.append(helper.make_value_info(value, types[value]))
-
-
-def _value_types(g: GraphIndex, values: Iterable[str]) -> dict[str, onnx.TypeProto]:
-    """The type of each value as declared or inferred (so with its shape where inference knows
-    it, which the ONNX checker wants of graph outputs), else its element type alone."""
-    types = {}
-    for value in values:
-        if value not in g.producer and value not in g.graph_inputs:
-            raise GraphfuseError(f"cannot expose '{value}': no node computes it")
-        known = g.type_of(value)
-        if known is not None and known.tensor_type.elem_type:
-            types[value] = known
-            continue
-        elem = g.elem_type(value)
-        if elem is None:
-            raise GraphfuseError(
-                f"cannot expose '{value}': its element type is unknown (shape inference failed "
-                "there); add value_info for it"
-            )
-        types[value] = helper.make_tensor_type_proto(elem, None)
-    return types
-
-
-def _blocks(model: ModelLike, base_dir: Path | str | None) -> tuple[GraphIndex, list[FfnBlock]]:
+def _inspected(model: ModelLike, base_dir: Path | str | None) -> Inspection:
     from graphfuse.api import inspect
 
     if not isinstance(model, onnx.ModelProto):
@@ -253,8 +191,7 @@ def _blocks(model: ModelLike, base_dir: Path | str | None) -> tuple[GraphIndex, 
             f"weight '{external[0]}' is stored as external data: pass the model's path, or "
             "base_dir= the folder its data file is in"
         )
-    found = inspect(model, Path(base_dir) if base_dir is not None else None)
-    return found.index, found.blocks
+    return inspect(model, Path(base_dir) if base_dir is not None else None)
 
 
 # -- the measurement -------------------------------------------------------------------------------
@@ -278,8 +215,8 @@ def dependency_matrix(
     """
     from graphfuse.evaluate import make_session
 
-    g, found = _blocks(model, base_dir)
-    model = g.model
+    inspected = _inspected(model, base_dir)
+    found = inspected.blocks
     chosen = sorted(set(range(len(found)) if blocks is None else blocks))
     bad = [b for b in chosen if not 0 <= b < len(found)]
     if bad or not chosen:
@@ -288,7 +225,6 @@ def dependency_matrix(
         )
     analysed = [found[b] for b in chosen]
     n = len(analysed)
-    types = _value_types(g, [v for b in analysed for v in (b.residual_in, b.residual_out)])
 
     def fetched(a: int) -> list[str]:  # the residual streams of analysed[a:]
         return [v for b in analysed[a:] for v in (b.residual_in, b.residual_out)]
@@ -297,7 +233,7 @@ def dependency_matrix(
     # the removed-block sessions read; then one session per removed block analysed[a],
     # a = 0 .. n-2, each with the value it is cut at (fed from the baseline) and the values it
     # returns, built, run over the batches and freed in turn: one session at a time.
-    proto, _ = _analysis_model(model, g, types, fetched(0))
+    proto, _ = _analysis_model(inspected, fetched(0))
     baseline = make_session(proto, provider, threads)
     del proto
     pair_sum = np.zeros((n, n))
@@ -324,7 +260,7 @@ def dependency_matrix(
     if tokens == 0:
         raise GraphfuseError("feeds_batches is empty: pass at least one batch of feeds")
     for a in tqdm(range(n - 1), desc="dependency", unit="block", disable=not progress):
-        proto, cut = _analysis_model(model, g, types, fetched(a + 1), bypass=analysed[a])
+        proto, cut = _analysis_model(inspected, fetched(a + 1), bypass=analysed[a])
         session = make_session(proto, provider, threads)
         del proto
         for feeds, base, units in kept:

@@ -16,15 +16,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
+import onnx_ir as ir
 from tqdm import tqdm
 
 from graphfuse import genai, onnx_io, skip_norm
+from graphfuse import ir as irs
 from graphfuse.blocks import FfnBlock, NearMiss, find_blocks
 from graphfuse.canonical import canonicalize
 from graphfuse.errors import GraphfuseError
-from graphfuse.graph import GraphIndex
 from graphfuse.runs import Refusal, Run, find_runs
 
 # A proto, a path (an .onnx file or an onnxruntime-genai folder), or an onnx-graphsurgeon Graph.
@@ -33,9 +33,10 @@ ModelLike = onnx.ModelProto | str | os.PathLike | Any
 
 @dataclass
 class Inspection:
-    """What the recogniser and the run finder see in a model."""
+    """What the recogniser and the run finder see in a model: ``model`` is the canonical form
+    they read, skip norms split (`graphfuse.skip_norm`); a pass edits it in place."""
 
-    index: GraphIndex
+    model: ir.Model
     blocks: list[FfnBlock]
     runs: list[Run]  # maximal runs, single blocks included
     refusals: list[Refusal]
@@ -47,12 +48,11 @@ class Inspection:
         return [r for r in self.runs if len(r) > 1]
 
     def as_dict(self) -> dict:
-        g = self.index
         return {
             "blocks": [
                 {
                     "index": b.index,
-                    "residual_add": g.node(b.residual_add).name or b.residual_out,
+                    "residual_add": b.residual_add.name or b.residual_out,
                     "hidden": b.hidden,
                     "intermediate": b.intermediate,
                     "activation": b.activation,
@@ -123,12 +123,13 @@ def inspect(model: ModelLike, base_dir: Path | None = None) -> Inspection:
     # Constants folded (Constant, CastLike, Identity, shape arithmetic), residual Adds split out
     # of skip norms: the recogniser sees one spelling. Weights are never read here.
     proto, _ = canonicalize(proto, base_dir, in_place=not isinstance(model, onnx.ModelProto))
-    proto, split = skip_norm.split(proto)
-    g = GraphIndex(proto, base_dir)
-    blocks, misses = find_blocks(g, all_misses=True)
-    near = [m for m in misses if m.near]
-    runs, refusals = find_runs(g, blocks, near)
-    found = Inspection(g, blocks, runs, refusals, near, split)
+    m = irs.from_proto(proto, base_dir)
+    irs.infer_types(m)  # element types where the graph does not declare them (cast islands)
+    split = skip_norm.split(m)
+    blocks, misses = find_blocks(m, all_misses=True)
+    near = [miss for miss in misses if miss.near]
+    runs, refusals = find_runs(m.graph, blocks, near)
+    found = Inspection(m, blocks, runs, refusals, near, split)
     if not blocks:
         found.candidates = misses
     return found
@@ -200,32 +201,35 @@ def parallel_reference(found: Inspection, runs: list[Run]) -> onnx.ModelProto:
     output becomes X + Σᵢ FFNᵢ(nᵢ(X)), computed by the model's own ops, which is what the
     fusion of those runs must equal. Only the norms' inputs are rewired; the residual Adds
     chain as before."""
-    model = onnx.ModelProto()
-    model.CopyFrom(found.index.model)
+    model = found.model.clone()  # tensors shared, nodes new: in the same order
+    node = dict(zip(found.model.graph, model.graph, strict=True))
+    named = irs.values(model.graph)
     for run in runs:
-        x = found.blocks[run.first].residual_in
+        x = named[found.blocks[run.first].residual_in]
         for block in found.blocks[run.first + 1 : run.last + 1]:
-            for at in block.norm.nodes:
-                node = model.graph.node[at]
-                node.input[:] = [x if v == block.residual_in else v for v in node.input]
-    return skip_norm.join(model, found.split)
+            for norm in block.norm.nodes:
+                for i, v in enumerate(node[norm].inputs):
+                    if v is not None and v.name == block.residual_in:
+                        node[norm].replace_input_with(i, x)
+    skip_norm.join(model, found.split)
+    return irs.to_proto(model)
 
 
-def depth(model: onnx.ModelProto, ffn_stages: int) -> Depth:
+def depth(model: ir.Model, ffn_stages: int) -> Depth:
     """Sequential depth: FFN stages, and GEMMs on the graph's longest path."""
-    longest: dict[str, int] = {}
+    longest: dict[ir.Value, int] = {}
     best = 0
-    for node in model.graph.node:
-        d = max((longest.get(v, 0) for v in node.input), default=0)
+    for node in model.graph:
+        d = max((longest.get(v, 0) for v in node.inputs if v is not None), default=0)
         d += node.op_type in ("MatMul", "Gemm", "MatMulNBits")
-        for v in node.output:
+        for v in node.outputs:
             longest[v] = d
         best = max(best, d)
     return Depth(ffn_stages, best)
 
 
-def parameters(model: onnx.ModelProto) -> int:
-    return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+def parameters(model: ir.Model) -> int:
+    return sum(v.const_value.size for v in model.graph.initializers.values() if v.const_value)
 
 
 def fuse(
@@ -248,14 +252,15 @@ def fuse(
     ``linear``: runs (first, last) whose down projection also reads the normalised run input,
     with zero weights until refitted (`graphfuse.repair`, ``heal="linear"``)."""
     fused, report = _fuse(
-        model, runs, max_run_length, keep_last, progress, sink=None, pack=pack,
-        requantize=requantize, linear=linear,
+        model, runs, max_run_length, keep_last, progress, pack=pack, requantize=requantize,
+        linear=linear,
     )  # fmt: skip
+    proto = irs.to_proto(fused)
     if _is_graphsurgeon(model):
         import onnx_graphsurgeon as gs
 
-        return gs.import_onnx(fused), report
-    return fused, report
+        return gs.import_onnx(proto), report
+    return proto, report
 
 
 def fuse_file(
@@ -273,8 +278,8 @@ def fuse_file(
     """Fuse a model file into ``output`` (atomically; external data beside it, streamed so that
     memory stays near one run's weights). The input is only read."""
 
-    def transform(proto, base_dir, sink):
-        return _fuse(proto, runs, max_run_length, keep_last, progress, sink, base_dir, pack,
+    def transform(proto, base_dir):
+        return _fuse(proto, runs, max_run_length, keep_last, progress, base_dir, pack,
                      requantize=requantize)  # fmt: skip
 
     return _transform_file(model, output, transform, check)
@@ -286,7 +291,7 @@ def drop_attention_file(
     """Remove the attention of ``layers`` (FFN-block numbers, e.g. "25-28") from a model file."""
     from graphfuse.passes.drop_attention import drop_attention
 
-    def transform(proto, base_dir, sink):
+    def transform(proto, base_dir):
         return drop_attention(proto, parse_indices(layers), base_dir)
 
     return _transform_file(model, output, transform, check)
@@ -307,9 +312,9 @@ def parse_indices(spec: str | list[int]) -> list[int]:
 
 
 def _transform_file(model, output, transform, check: bool):
-    """Load, transform, save atomically (new weights streamed to the output's data file) and
-    check that a model the checker accepted is still accepted. An onnxruntime-genai folder in
-    gives a complete folder out."""
+    """Load, transform, save atomically (weights streamed to the output's data file) and check
+    that a model the checker accepted is still accepted. An onnxruntime-genai folder in gives a
+    complete folder out. ``transform(proto, base_dir)`` gives (a proto or IR model, report)."""
     if genai.is_folder(model):
         return genai.transform_folder(
             Path(model), Path(output), lambda m, o: _transform_file(m, o, transform, check)
@@ -320,57 +325,51 @@ def _transform_file(model, output, transform, check: bool):
     proto, _ = canonicalize(proto, base_dir, in_place=True)  # ours: fold without a copy
     out = onnx_io.check_output_path(output, [source, *onnx_io.external_files(proto, base_dir)])
     input_valid = check and onnx_io.validation_error(source) is None
-    sink = None
-    if onnx_io.needs_external_data(proto):
-        sink = onnx_io.TensorSink(out.with_name(out.name + ".data"))
-    try:
-        result, report = transform(proto, base_dir, sink)
-        onnx_io.save(result, out, base_dir=base_dir, sink=sink)
-    except BaseException:
-        if sink is not None:
-            sink.discard()
-        raise
+    result, report = transform(proto, base_dir)
+    onnx_io.save(result, out, base_dir=base_dir)
     if input_valid and (problem := onnx_io.validation_error(out)) is not None:
         raise GraphfuseError(f"internal error: the output model fails validation: {problem}")
     return report
 
 
 def _fuse(
-    model, runs, max_run_length, keep_last, progress, sink, base_dir=None, pack=False, downs=None,
+    model, runs, max_run_length, keep_last, progress, base_dir=None, pack=False, downs=None,
     requantize=False, linear=(),
-):  # fmt: skip
+) -> tuple[ir.Model, FusionReport]:  # fmt: skip
     from graphfuse.passes.fuse_ffn import fuse_ffn_runs
 
     found = inspect(model, base_dir)
-    model = found.index.model
+    model = found.model
     if not found.blocks:
         raise GraphfuseError(
             "no FFN blocks found: the model has no gated FFN (norm → gate/up → act → down → "
             "residual Add) that graphfuse recognises"
         )
     chosen = plan(found, runs, max_run_length=max_run_length, keep_last=keep_last)
+    stages_before = len(found.blocks)
+    stages_after = stages_before - sum(len(r) - 1 for r in chosen)
+    nodes_before = len(model.graph) - len(found.split.originals)  # each split added one
+    parameters_before, depth_before = parameters(model), depth(model, stages_before)
     with tqdm(
         total=sum(len(r) for r in chosen), desc="fusing", unit="block", disable=not progress
     ) as bar:
-        fused, done = fuse_ffn_runs(
-            found.index, [[found.blocks[i] for i in r.indices] for r in chosen], sink, bar, pack,
-            downs, requantize, linear,
+        done = fuse_ffn_runs(
+            model, [[found.blocks[i] for i in r.indices] for r in chosen], bar, pack, downs,
+            requantize, linear,
         )  # fmt: skip
-    fused = skip_norm.join(fused, found.split)
-    stages_before = len(found.blocks)
-    stages_after = stages_before - sum(len(r) - 1 for r in chosen)
+    skip_norm.join(model, found.split)
     report = FusionReport(
         blocks=len(found.blocks),
         runs_fused=[f"{r.first}-{r.last}" for r in done],
         widths=[r.width for r in done],
         refusals=[{"blocks": f"{r.left}-{r.left + 1}", "reason": r.reason} for r in found.refusals],
-        nodes_before=len(model.graph.node) - len(found.split.originals),  # each split added one
-        nodes_after=len(fused.graph.node),
-        parameters_before=parameters(model),
-        parameters_after=parameters(fused),
-        depth_before=depth(model, stages_before),
-        depth_after=depth(fused, stages_after),
+        nodes_before=nodes_before,
+        nodes_after=len(model.graph),
+        parameters_before=parameters_before,
+        parameters_after=parameters(model),
+        depth_before=depth_before,
+        depth_after=depth(model, stages_after),
     )
     if not chosen:
         report.notes.append("nothing to fuse: no run of two or more blocks was selected")
-    return fused, report
+    return model, report

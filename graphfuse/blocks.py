@@ -23,13 +23,28 @@ Each match is a `FfnBlock`; each candidate that looked like a block and was refu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import helper
 
-from graphfuse.graph import ELEMENTWISE, NORM_OPS, GraphIndex, attribute
+from graphfuse.ir import (
+    ELEMENTWISE,
+    NORM_OPS,
+    attr,
+    constant,
+    constant_shape,
+    elem_type,
+    is_constant,
+    label,
+    producer,
+    rank,
+    readers,
+    scalar,
+)
 
 CASTS = ("Cast", "CastLike")
 
@@ -63,6 +78,15 @@ class Quant:
         return -(-self.k // self.block_size)
 
 
+def initializer(initializers: Mapping[str, ir.Value], name: str) -> np.ndarray:
+    """The values of the initializer ``name`` (read from external data when stored there);
+    ``initializers`` is a graph's (``graph.initializers``) or a copy of that mapping."""
+    value = initializers.get(name)
+    if value is None or value.const_value is None:
+        raise KeyError(f"'{name}' is not an initializer of the graph")
+    return value.const_value.numpy()
+
+
 @dataclass(frozen=True)
 class Weight:
     """A constant matrix or vector as stored, and how to read it as the math wants it."""
@@ -73,19 +97,17 @@ class Weight:
     constant: bool = True  # False: computed at run time, so the block cannot be fused
     quant: Quant | None = None  # MatMulNBits packing, where the weight is quantised
 
-    def load(self, g: GraphIndex) -> np.ndarray:
+    def load(self, initializers: Mapping[str, ir.Value]) -> np.ndarray:
         """The matrix as [in, out] (a bias as [out]), in its stored dtype (a quantised weight
         dequantised to its scales' dtype)."""
         if self.quant is not None:
             from graphfuse.nbits import dequantize
 
             q = self.quant
-            zero_points = g.constant(q.zero_points) if q.zero_points else None
-            scales = g.constant(q.scales)
-            assert scales is not None, q.scales
-            return dequantize(g.constant(self.name), scales, zero_points, q).T
-        array = g.constant(self.name)
-        assert array is not None, self.name
+            zero_points = initializer(initializers, q.zero_points) if q.zero_points else None
+            scales = initializer(initializers, q.scales)
+            return dequantize(initializer(initializers, self.name), scales, zero_points, q).T
+        array = initializer(initializers, self.name)
         if self.transposed:
             array = array.T
         if self.columns is not None:
@@ -100,38 +122,40 @@ class Projection:
     weight: Weight
     bias: Weight | None
     shape: tuple[int, int]  # (in, out) features
-    nodes: frozenset[int]
+    nodes: frozenset[ir.Node]
+    x: ir.Value = field(compare=False, repr=False)  # the value named ``input``
 
 
 @dataclass(frozen=True)
 class Norm:
     input: str  # X, the residual stream
     output: str  # z, read by the gate and up projections
-    nodes: frozenset[int]
+    nodes: frozenset[ir.Node]
     eps: float
-    gains: tuple[tuple[int, str], ...]  # (node, constant): γ is their product; none: γ = 1
+    gains: tuple[tuple[ir.Node, str], ...]  # (node, constant): γ is their product; none: γ = 1
     op: str  # ReduceMean | RMSNormalization | SimplifiedLayerNormalization
 
 
 @dataclass(frozen=True)
 class FfnBlock:
-    """One gated FFN block with pre-norm and residual, as found in the graph."""
+    """One gated FFN block with pre-norm and residual, as found in the graph. Values are named;
+    nodes are the graph's own."""
 
     index: int  # position among the blocks, in graph order
     residual_in: str
     residual_out: str
-    residual_add: int
+    residual_add: ir.Node
     norm: Norm
     gate: Projection
     up: Projection
     down: Projection
     activation: str
-    activation_nodes: frozenset[int]
+    activation_nodes: frozenset[ir.Node]
     activation_input: str  # the gate value the activation island reads
     activation_output: str
-    product: int  # the Mul of activation and up
-    down_casts: tuple[int, ...]  # Casts between the down projection and the residual Add
-    nodes: frozenset[int]
+    product: ir.Node  # the Mul of activation and up
+    down_casts: tuple[ir.Node, ...]  # Casts between the down projection and the residual Add
+    nodes: frozenset[ir.Node]
     hidden: int
     intermediate: int
     dtype: str
@@ -147,115 +171,106 @@ class NearMiss:
     """A residual Add that looked like an FFN block but was refused; ``near`` when it got as
     far as a gated product with its projections."""
 
-    node: int
+    node: int  # the Add's position in the graph
     name: str
     reason: str
     near: bool = True
 
 
-def dtype_name(elem_type: int | None) -> str:
-    if elem_type is None:
+def dtype_name(elem: int | None) -> str:
+    if elem is None:
         return "unknown"
-    return helper.tensor_dtype_to_np_dtype(elem_type).name if elem_type != 16 else "bfloat16"
+    return helper.tensor_dtype_to_np_dtype(elem).name if elem != 16 else "bfloat16"
 
 
 # -- projections ---------------------------------------------------------------------------------
 
 
-def _bias(g: GraphIndex, value: str) -> tuple[str, str] | None:
+def _bias(value: ir.Value) -> tuple[ir.Value, ir.Value] | None:
     """``Add(v, b)`` with a constant vector b, either operand order: (v, b)."""
-    node = g.producer_of(value)
-    if node is None or node.op_type != "Add":
+    node = producer(value, "Add")
+    if node is None or len(node.inputs) != 2:
         return None
-    for a, b in (node.input, reversed(node.input)):
-        shape = g.shape_of_constant(b)
-        if shape and all(d == 1 for d in shape[:-1]) and g.producer_of(a) is not None:
-            return a, b
+    for a, b in (node.inputs, reversed(node.inputs)):
+        shape = constant_shape(b)
+        if shape and all(d == 1 for d in shape[:-1]) and producer(a) is not None:
+            return a, b  # type: ignore[return-value]
     return None
 
 
-def _weight(g: GraphIndex, value: str, transposed: bool) -> tuple[Weight, list[int]]:
+def _weight(value: ir.Value, transposed: bool) -> tuple[Weight, list[ir.Node]]:
     """A constant weight, seen through one ``Transpose`` — else NoMatch."""
-    node = g.producer_of(value)
+    node = producer(value, "Transpose")
     nodes = []
-    if node is not None and node.op_type == "Transpose" and g.is_constant(node.input[0]):
-        if list(attribute(node, "perm", [1, 0])) != [1, 0]:  # type: ignore[call-overload]
+    if node is not None and is_constant(node.inputs[0]):
+        if list(attr(node, "perm", [1, 0])) != [1, 0]:  # type: ignore[call-overload]
             raise NoMatch(f"weight transpose '{node.name}' is not a 2-D transpose")
-        nodes.append(g.producer[value])
-        value, transposed = node.input[0], not transposed
-    if not g.is_constant(value):
-        return Weight(value, transposed, constant=False), nodes
-    if len(g.shape_of_constant(value) or ()) != 2:
-        raise NoMatch(f"weight '{value}' is not a matrix")
-    return Weight(value, transposed), nodes
+        nodes.append(node)
+        value, transposed = node.inputs[0], not transposed  # type: ignore[assignment]
+    if not is_constant(value):
+        return Weight(value.name or "", transposed, constant=False), nodes
+    if len(constant_shape(value) or ()) != 2:
+        raise NoMatch(f"weight '{value.name}' is not a matrix")
+    return Weight(value.name or "", transposed), nodes
 
 
-def match_projection(g: GraphIndex, value: str) -> Projection:
+def match_projection(value: ir.Value) -> Projection:
     """The projection producing ``value`` (see the module docstring for its forms)."""
-    nodes: list[int] = []
+    nodes: list[ir.Node] = []
     columns: tuple[int, int] | None = None
-    biases: list[str] = []
+    biases: list[ir.Value] = []
     v = value
 
-    def take(n: int) -> onnx.NodeProto:
-        nodes.append(n)
-        return g.node(n)
+    def strip_bias(v: ir.Value) -> ir.Value:
+        if (found := _bias(v)) is None:
+            return v
+        nodes.append(v.producer())  # type: ignore[arg-type]
+        biases.append(found[1])
+        return found[0]
 
-    if (found := _bias(g, v)) is not None:
-        nodes.append(g.producer[v])
-        v, b = found
-        biases.append(b)
-    packed = g.producer_of(v)
+    v = strip_bias(v)
+    packed = producer(v)
     if packed is not None and packed.op_type in ("Split", "Slice"):
-        columns = _packed_columns(g, g.producer[v], v)
-        take(g.producer[v])
-        v = packed.input[0]
-        if (found := _bias(g, v)) is not None:
-            nodes.append(g.producer[v])
-            v, b = found
-            biases.append(b)
-    reshaped = g.producer_of(v)
-    flattened = reshaped is not None and reshaped.op_type == "Reshape"
-    if flattened:
-        take(g.producer[v])
-        v = reshaped.input[0]  # type: ignore[union-attr]
-        if (found := _bias(g, v)) is not None:
-            nodes.append(g.producer[v])
-            v, b = found
-            biases.append(b)
-    core_at = g.producer.get(v)
-    if core_at is None:
-        raise NoMatch(f"'{value}' is not computed by a projection")
-    core = take(core_at)
+        columns = _packed_columns(packed, v)
+        nodes.append(packed)
+        v = strip_bias(packed.inputs[0])  # type: ignore[arg-type]
+    reshaped = producer(v, "Reshape")
+    if reshaped is not None:
+        nodes.append(reshaped)
+        v = strip_bias(reshaped.inputs[0])  # type: ignore[arg-type]
+    core = producer(v)
+    if core is None:
+        raise NoMatch(f"'{value.name}' is not computed by a projection")
+    nodes.append(core)
     if core.op_type == "MatMul":
-        weight, extra = _weight(g, core.input[1], transposed=False)
+        weight, extra = _weight(core.inputs[1], transposed=False)  # type: ignore[arg-type]
     elif core.op_type == "Gemm":
-        if attribute(core, "transA", 0) or attribute(core, "alpha", 1.0) != 1.0:
+        if attr(core, "transA", 0) or attr(core, "alpha", 1.0) != 1.0:
             raise NoMatch(f"Gemm '{core.name}' scales or transposes its input")
-        weight, extra = _weight(g, core.input[1], transposed=bool(attribute(core, "transB", 0)))
-        if len(core.input) > 2 and core.input[2]:
-            if attribute(core, "beta", 1.0) != 1.0:
+        weight, extra = _weight(core.inputs[1], transposed=bool(attr(core, "transB", 0)))  # type: ignore[arg-type]
+        if len(core.inputs) > 2 and core.inputs[2] is not None:
+            if attr(core, "beta", 1.0) != 1.0:
                 raise NoMatch(f"Gemm '{core.name}' scales its bias")
-            biases.append(core.input[2])
+            biases.append(core.inputs[2])
     elif core.op_type == "MatMulNBits" and core.domain == "com.microsoft":
-        weight, bias_input = _nbits_weight(g, core)
-        if bias_input:
+        weight, bias_input = _nbits_weight(core)
+        if bias_input is not None:
             biases.append(bias_input)
         extra = []
     else:
-        raise NoMatch(f"'{value}' is computed by {core.op_type}, not MatMul or Gemm")
+        raise NoMatch(f"'{value.name}' is computed by {core.op_type}, not MatMul or Gemm")
     nodes.extend(extra)
-    x = core.input[0]
-    if flattened:
-        inner = g.producer_of(x)
-        if inner is None or inner.op_type != "Reshape":
+    x = core.inputs[0]
+    if reshaped is not None:
+        inner = producer(x, "Reshape")
+        if inner is None:
             raise NoMatch(f"projection '{core.name}' reshapes its output but not its input")
-        take(g.producer[x])
-        x = inner.input[0]
+        nodes.append(inner)
+        x = inner.inputs[0]
     if weight.quant is not None:
         rows, cols = weight.quant.k, weight.quant.n
     else:
-        rows, cols = g.shape_of_constant(weight.name) or (-1, -1)
+        rows, cols = constant_shape(_value_of(core.inputs[1])) or (-1, -1)
     fan_in, fan_out = (cols, rows) if weight.transposed else (rows, cols)
     if columns is not None:
         if weight.quant is not None:
@@ -266,99 +281,98 @@ def match_projection(g: GraphIndex, value: str) -> Projection:
         raise NoMatch(f"projection '{core.name}' has more than one bias")
     bias = None
     if biases:
-        full = g.shape_of_constant(biases[0])[-1]  # type: ignore[index]
+        full = constant_shape(biases[0])[-1]  # type: ignore[index]
         bias_columns = columns if columns is not None and full != fan_out else None
-        bias = Weight(biases[0], columns=bias_columns)
-    return Projection(x, value, weight, bias, (fan_in, fan_out), frozenset(nodes))
+        bias = Weight(biases[0].name or "", columns=bias_columns)
+    assert x is not None
+    return Projection(x.name or "", value.name or "", weight, bias, (fan_in, fan_out),
+                      frozenset(nodes), x)  # fmt: skip
 
 
-def _nbits_weight(g: GraphIndex, node: onnx.NodeProto) -> tuple[Weight, str | None]:
+def _value_of(value: ir.Value | None) -> ir.Value | None:
+    """A weight input seen through its Transpose (for its stored shape)."""
+    node = producer(value, "Transpose")
+    return node.inputs[0] if node is not None and is_constant(node.inputs[0]) else value
+
+
+def _nbits_weight(node: ir.Node) -> tuple[Weight, ir.Value | None]:
     """The quantised weight of a ``MatMulNBits`` node and its bias input, if any."""
-    inputs = [*node.input, "", "", "", ""]
+    inputs = [*node.inputs, None, None, None, None]
     b, scales, zero_points, g_idx, bias = inputs[1:6]
-    if g_idx:
+    if g_idx is not None:
         raise NoMatch(
             f"MatMulNBits '{node.name}' has a g_idx input (act-order): its rows are permuted, "
             "which graphfuse does not fuse"
         )
     for v in (b, scales, zero_points):
-        if v and not g.is_constant(v):
-            return Weight(v, constant=False), None
+        if v is not None and not is_constant(v):
+            return Weight(v.name or "", constant=False), None
+    assert b is not None and scales is not None
     quant = Quant(
-        scales=scales,
-        zero_points=zero_points or None,
-        bits=int(attribute(node, "bits", 4)),  # type: ignore[call-overload]
-        block_size=int(attribute(node, "block_size", 0)),  # type: ignore[call-overload]
-        accuracy_level=int(attribute(node, "accuracy_level", 0)),  # type: ignore[call-overload]
-        k=int(attribute(node, "K", 0)),  # type: ignore[call-overload]
-        n=int(attribute(node, "N", 0)),  # type: ignore[call-overload]
+        scales=scales.name or "",
+        zero_points=zero_points.name if zero_points is not None else None,
+        bits=int(attr(node, "bits", 4)),  # type: ignore[call-overload]
+        block_size=int(attr(node, "block_size", 0)),  # type: ignore[call-overload]
+        accuracy_level=int(attr(node, "accuracy_level", 0)),  # type: ignore[call-overload]
+        k=int(attr(node, "K", 0)),  # type: ignore[call-overload]
+        n=int(attr(node, "N", 0)),  # type: ignore[call-overload]
     )
-    return Weight(b, quant=quant), bias or None
+    return Weight(b.name or "", quant=quant), bias
 
 
-def weight_dtype(g: GraphIndex, weight: Weight) -> int | None:
+def weight_dtype(initializers: Mapping[str, ir.Value], weight: Weight) -> int | None:
     """The element type a projection computes in: the stored weight's, or a quantised
     weight's scales'."""
-    return g.elem_type(weight.quant.scales if weight.quant else weight.name)
+    return elem_type(initializers.get(weight.quant.scales if weight.quant else weight.name))
 
 
-def _packed_columns(g: GraphIndex, at: int, value: str) -> tuple[int, int]:
+def _packed_columns(node: ir.Node, value: ir.Value) -> tuple[int, int]:
     """Which output features of a packed gate/up product a Split or Slice output holds."""
-    node = g.node(at)
-    source_shape = _matmul_out_features(g, node.input[0])
+    source = node.inputs[0]
+    assert source is not None
+    source_shape = match_projection(source).shape[1]
+    last = (-1, (rank(source) or -98) - 1)  # an unknown rank: only the -1 spelling is accepted
     if node.op_type == "Split":
-        axis = int(attribute(node, "axis", 0))  # type: ignore[call-overload]
-        if axis not in (-1, _rank(g, node.input[0]) - 1):
+        if int(attr(node, "axis", 0)) not in last:  # type: ignore[call-overload]
             raise NoMatch(f"Split '{node.name}' is not along the feature axis")
-        k = list(node.output).index(value)
+        k = list(node.outputs).index(value)
         sizes: list[int]
-        if len(node.input) > 1 and node.input[1]:
-            given = g.constant(node.input[1])
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            given = constant(node.inputs[1])
             if given is None:
                 raise NoMatch(f"Split '{node.name}' has sizes that are not constant")
             sizes = [int(s) for s in given]
-        elif attribute(node, "split") is not None:
-            sizes = list(attribute(node, "split"))  # type: ignore[call-overload]
+        elif attr(node, "split") is not None:
+            sizes = list(attr(node, "split"))  # type: ignore[call-overload]
         else:
-            sizes = [source_shape // len(node.output)] * len(node.output)
+            sizes = [source_shape // len(node.outputs)] * len(node.outputs)
         start = sum(sizes[:k])
         return start, start + sizes[k]
     # Slice(data, starts, ends, axes, steps)
-    parts = [g.constant(v) if v else None for v in node.input[1:5]]
+    parts = [constant(v) if v is not None else None for v in node.inputs[1:5]]
     if any(p is None for p in parts[:2]) or (len(parts) > 2 and parts[2] is None):
         raise NoMatch(f"Slice '{node.name}' has bounds that are not constant")
     starts, ends = int(parts[0][0]), int(parts[1][0])  # type: ignore[index]
     axes = int(parts[2][0]) if len(parts) > 2 else 0  # type: ignore[index]
     steps = int(parts[3][0]) if len(parts) > 3 and parts[3] is not None else 1
-    if axes not in (-1, _rank(g, node.input[0]) - 1) or steps != 1:
+    if axes not in last or steps != 1:
         raise NoMatch(f"Slice '{node.name}' is not a contiguous feature slice")
     starts = starts + source_shape if starts < 0 else starts
     ends = ends + source_shape if ends < 0 else ends
     return max(0, starts), min(source_shape, ends)
 
 
-def _matmul_out_features(g: GraphIndex, value: str) -> int:
-    return match_projection(g, value).shape[1]
-
-
-def _rank(g: GraphIndex, value: str) -> int:
-    t = g._types.get(value)
-    if t is not None and t.tensor_type.HasField("shape"):
-        return len(t.tensor_type.shape.dim)
-    return -99  # unknown: only the -1 spelling of the last axis is accepted
-
-
 # -- islands -------------------------------------------------------------------------------------
 
 
 def _island(
-    g: GraphIndex, output: str, is_leaf, allowed: frozenset[str]
-) -> tuple[frozenset[int], set[str]]:
+    output: ir.Value, is_leaf, allowed: frozenset[str]
+) -> tuple[frozenset[ir.Node], set[ir.Value]]:
     """Nodes between ``output`` and the values where ``is_leaf`` holds, walking producers."""
-    nodes: set[int] = set()
-    leaves: set[str] = set()
+    nodes: set[ir.Node] = set()
+    leaves: set[ir.Value] = set()
     stack = [output]
-    seen: set[str] = set()
+    seen: set[ir.Value] = set()
     while stack:
         v = stack.pop()
         if v in seen:
@@ -367,26 +381,22 @@ def _island(
         if is_leaf(v):
             leaves.add(v)
             continue
-        if g.is_constant(v):
+        if is_constant(v):
             continue
-        at = g.producer.get(v)
-        if at is None:
-            raise NoMatch(f"'{v}' comes from outside the block (a graph input)")
-        node = g.node(at)
+        node = v.producer()
+        if node is None:
+            raise NoMatch(f"'{v.name}' comes from outside the block (a graph input)")
         if node.op_type not in allowed:
             raise NoMatch(f"{node.op_type} '{node.name}' is not part of a gated FFN")
-        nodes.add(at)
-        stack.extend(i for i in node.input if i)
+        nodes.add(node)
+        stack.extend(i for i in node.inputs if i is not None)
     return frozenset(nodes), leaves
 
 
-def _activation_name(g: GraphIndex, nodes: frozenset[int]) -> str:
-    ops = {g.node(i).op_type for i in nodes}
+def _activation_name(nodes: frozenset[ir.Node]) -> str:
+    ops = {n.op_type: n for n in nodes}
     if "Gelu" in ops:
-        node = next(g.node(i) for i in nodes if g.node(i).op_type == "Gelu")
-        return (
-            "gelu_tanh" if attribute(node, "approximate", b"none") in (b"tanh", "tanh") else "gelu"
-        )
+        return "gelu_tanh" if attr(ops["Gelu"], "approximate", "none") == "tanh" else "gelu"
     if "Tanh" in ops:
         return "gelu_tanh"
     if "Erf" in ops:
@@ -396,24 +406,25 @@ def _activation_name(g: GraphIndex, nodes: frozenset[int]) -> str:
     return "other"
 
 
-def _island_signature(g: GraphIndex, nodes: frozenset[int], entry: str) -> tuple:
+def _island_signature(nodes: frozenset[ir.Node], entry: ir.Value, order: dict) -> tuple:
     """What an island computes, up to value names: ops, attributes, constants, wiring."""
-    names = {entry: "in"}
+    names: dict[ir.Value, str] = {entry: "in"}
     rows: list[tuple] = []
-    for i in sorted(nodes):
-        node = g.node(i)
+    for node in sorted(nodes, key=order.__getitem__):
         ins = []
-        for v in node.input:
-            if v in names:
+        for v in node.inputs:
+            if v is None:
+                ins.append("")
+            elif v in names:
                 ins.append(names[v])
-            elif g.is_constant(v):
-                shape = g.shape_of_constant(v) or ()
-                ins.append(repr(g.scalar(v)) if int(np.prod(shape)) == 1 else f"const{shape}")
+            elif is_constant(v):
+                shape = constant_shape(v) or ()
+                ins.append(repr(scalar(v)) if int(np.prod(shape)) == 1 else f"const{shape}")
             else:
-                ins.append(v)
-        for k, v in enumerate(node.output):
+                ins.append(v.name or "")
+        for k, v in enumerate(node.outputs):
             names[v] = f"{len(rows)}.{k}"
-        attrs = sorted((a.name, str(helper.get_attribute_value(a))) for a in node.attribute)
+        attrs = sorted((a.name, str(a.value)) for a in node.attributes.values())
         rows.append((node.op_type, tuple(ins), tuple(attrs)))
     return tuple(rows)
 
@@ -426,40 +437,45 @@ def _island_signature(g: GraphIndex, nodes: frozenset[int], entry: str) -> tuple
 NORM_TOLERANCE: dict[int, float] = {onnx.TensorProto.FLOAT16: 1e-2, onnx.TensorProto.BFLOAT16: 5e-2}
 
 
-def match_norm(g: GraphIndex, z: str, x: str, dtype: int, z_dtype: int) -> Norm:
+def match_norm(
+    z: ir.Value, x: ir.Value, dtype: int, z_dtype: int, order: dict, opsets: dict[str, int]
+) -> Norm:
     """The RMSNorm island between the residual stream ``x`` and the projections' input ``z``;
     ``dtype`` and ``z_dtype`` are their element types."""
-    nodes, leaves = _island(g, z, lambda v: v == x, ELEMENTWISE | NORM_OPS)
+    nodes, leaves = _island(z, lambda v: v is x, ELEMENTWISE | NORM_OPS)
     if leaves != {x}:
         raise NoMatch("the projections do not read the normalised residual stream", near=True)
-    reductions = [i for i in nodes if g.node(i).op_type in NORM_OPS]
+    reductions = [n for n in nodes if n.op_type in NORM_OPS]
     if len(reductions) != 1:
         raise NoMatch(f"norm has {len(reductions)} normalisations, not one", near=True)
-    reduce_node = g.node(reductions[0])
+    (reduce_node,) = reductions
     op = reduce_node.op_type
     # The gains: per-channel constants that multiply, and a norm op's scale input.
-    gains = [
-        (i, v)
-        for i in sorted(nodes)
-        for v in g.node(i).input
-        if g.node(i).op_type == "Mul" and (g.shape_of_constant(v) or (1,))[-1] > 1
+    gains: list[tuple[ir.Node, ir.Value]] = [
+        (n, v)
+        for n in sorted(nodes, key=order.__getitem__)
+        for v in n.inputs
+        if v is not None and n.op_type == "Mul" and (constant_shape(v) or (1,))[-1] > 1
     ]
     if op == "ReduceMean":
-        eps = _eps_after(g, reduce_node.output[0], nodes)
+        eps = _eps_after(reduce_node.outputs[0], nodes)
     else:
-        eps = float(attribute(reduce_node, "epsilon", 1e-5))  # type: ignore[arg-type]
-        if attribute(reduce_node, "axis", -1) not in (-1, _rank(g, reduce_node.input[0]) - 1):
+        eps = float(attr(reduce_node, "epsilon", 1e-5))  # type: ignore[arg-type]
+        last = (-1, (rank(reduce_node.inputs[0]) or -98) - 1)  # type: ignore[arg-type]
+        if attr(reduce_node, "axis", -1) not in last:
             raise NoMatch(f"{op} '{reduce_node.name}' does not normalise the last axis", near=True)
-        if len(reduce_node.input) > 1 and reduce_node.input[1]:
-            if not g.is_constant(reduce_node.input[1]):
-                raise NoMatch(f"{op} scale '{reduce_node.input[1]}' is not constant", near=True)
-            gains.append((reductions[0], reduce_node.input[1]))
-        if len(reduce_node.input) > 2 and reduce_node.input[2]:
+        scale = reduce_node.inputs[1] if len(reduce_node.inputs) > 1 else None
+        if scale is not None:
+            if not is_constant(scale):
+                raise NoMatch(f"{op} scale '{scale.name}' is not constant", near=True)
+            gains.append((reduce_node, scale))
+        if len(reduce_node.inputs) > 2 and reduce_node.inputs[2] is not None:
             raise NoMatch(f"{op} '{reduce_node.name}' has a bias", near=True)
     if eps is None:
         raise NoMatch("norm has no constant eps added to the mean square", near=True)
-    norm = Norm(x, z, nodes, eps, tuple(gains), op)
-    error = _norm_error(g, norm, dtype, z_dtype)
+    named = tuple((n, v.name or "") for n, v in gains)
+    norm = Norm(x.name or "", z.name or "", nodes, eps, named, op)
+    error = _norm_error(norm, x, z, {v for _, v in gains}, dtype, z_dtype, order, opsets)
     if error > NORM_TOLERANCE.get(dtype, 1e-4):
         raise NoMatch(
             f"norm does not compute x / rms(x) (max relative error {error:.1e})", near=True
@@ -467,50 +483,73 @@ def match_norm(g: GraphIndex, z: str, x: str, dtype: int, z_dtype: int) -> Norm:
     return norm
 
 
-def _eps_after(g: GraphIndex, mean: str, nodes: frozenset[int]) -> float | None:
-    for i in g.users(mean):
-        node = g.node(i)
-        if i in nodes and node.op_type == "Add":
-            other = node.input[1] if node.input[0] == mean else node.input[0]
-            return g.scalar(other)
+def _eps_after(mean: ir.Value, nodes: frozenset[ir.Node]) -> float | None:
+    for node in readers(mean):
+        if node in nodes and node.op_type == "Add":
+            other = node.inputs[1] if node.inputs[0] is mean else node.inputs[0]
+            return scalar(other)
     return None
 
 
-def _norm_error(g: GraphIndex, norm: Norm, x_type: int, z_type: int) -> float:
+def _norm_error(
+    norm: Norm,
+    x: ir.Value,
+    z: ir.Value,
+    gains: set[ir.Value],
+    x_type: int,
+    z_type: int,
+    order: dict,
+    opsets: dict,
+) -> float:
     """Evaluate the island with γ = 1 on a probe and compare it with x / sqrt(mean(x²) + eps).
 
     Islands that compute the same thing up to value names share one evaluation."""
-    hidden = int(np.prod(g.shape_of_constant(norm.gains[0][1]))) if norm.gains else 8  # type: ignore[arg-type]
-    key = (_island_signature(g, norm.nodes, norm.input), x_type, hidden, norm.eps)
+    hidden = int(np.prod(constant_shape(next(iter(gains))))) if gains else 8  # type: ignore[arg-type]
+    key = (_island_signature(norm.nodes, x, order), x_type, hidden, norm.eps)
     if key not in _NORM_ERRORS:
-        _NORM_ERRORS[key] = _evaluate_norm(
-            _island_model(g, norm, x_type, z_type), x_type, hidden, norm.eps
-        )
+        probe = _island_model(norm, x, z, gains, x_type, z_type, order, opsets)
+        _NORM_ERRORS[key] = _evaluate_norm(probe, x_type, hidden, norm.eps)
     return _NORM_ERRORS[key]
 
 
+# Bounded: one entry per distinct island spelling, and a model has a handful.
 _NORM_ERRORS: dict[tuple, float] = {}
 
 
-def _island_model(g: GraphIndex, norm: Norm, x_type: int, z_type: int) -> onnx.ModelProto:
+def _island_model(
+    norm: Norm,
+    x: ir.Value,
+    z: ir.Value,
+    gains: set[ir.Value],
+    x_type: int,
+    z_type: int,
+    order: dict,
+    opsets: dict[str, int],
+) -> onnx.ModelProto:
     """The norm island as a standalone model with input "x" and its gain replaced by ones."""
-    nodes = [onnx.NodeProto() for _ in norm.nodes]
-    for copy, i in zip(nodes, sorted(norm.nodes), strict=True):
-        copy.CopyFrom(g.node(i))
-        copy.input[:] = ["x" if v == norm.input else v for v in copy.input]
-    gains = {v for _, v in norm.gains}
+    nodes = sorted(norm.nodes, key=order.__getitem__)
+    constants = {
+        v for n in nodes for v in n.inputs if v is not None and v is not x and is_constant(v)
+    }
     inits = []
-    for v in {v for n in nodes for v in n.input if v and g.is_constant(v)}:
-        array = np.asarray(g.constant(v))
-        inits.append(onnx.numpy_helper.from_array(np.ones_like(array) if v in gains else array, v))
+    for v in constants:
+        array = np.asarray(constant(v))
+        inits.append(onnx.numpy_helper.from_array(np.ones_like(array) if v in gains else array,
+                                                  v.name))  # fmt: skip
+    protos = []
+    for n in nodes:
+        proto = ir.serde.serialize_node(n)
+        proto.input[:] = ["x" if v is x else (v.name or "" if v else "") for v in n.inputs]
+        protos.append(proto)
     graph = helper.make_graph(
-        nodes,
+        protos,
         "norm_probe",
         [helper.make_tensor_value_info("x", x_type, None)],
-        [helper.make_tensor_value_info(norm.output, z_type, None)],
+        [helper.make_tensor_value_info(z.name or "", z_type, None)],
         inits,
     )
-    return helper.make_model(graph, opset_imports=list(g.model.opset_import), ir_version=10)
+    imports = [helper.make_opsetid(domain, version) for domain, version in opsets.items()]
+    return helper.make_model(graph, opset_imports=imports, ir_version=10)
 
 
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -552,41 +591,49 @@ def _evaluate_norm(model: onnx.ModelProto, x_type: int, hidden: int, eps: float)
 # -- the block ---------------------------------------------------------------------------------------
 
 
-def match_block(g: GraphIndex, add_at: int) -> FfnBlock:
-    """The FFN block whose residual Add is node ``add_at`` — else NoMatch with the reason."""
-    add = g.node(add_at)
-    if add.op_type != "Add" or len(add.input) != 2:
+class _Context:
+    """What matching needs of the graph beyond the values themselves."""
+
+    def __init__(self, graph: ir.Graph, opsets: dict[str, int]) -> None:
+        self.graph = graph
+        self.order = {node: i for i, node in enumerate(graph)}
+        self.outputs = frozenset(graph.outputs)
+        self.opsets = opsets
+
+
+def match_block(ctx: _Context, add: ir.Node) -> FfnBlock:
+    """The FFN block whose residual Add is ``add`` — else NoMatch with the reason."""
+    if add.op_type != "Add" or len(add.inputs) != 2 or None in add.inputs:
         raise NoMatch("not an Add")
     failures: list[NoMatch] = []
-    for x, branch in (add.input, reversed(add.input)):
-        if g.is_constant(x):  # a bias Add, not a residual one
+    for x, branch in (add.inputs, reversed(add.inputs)):
+        if is_constant(x):  # a bias Add, not a residual one
             continue
         try:
-            return _match_from(g, add_at, x, branch)
+            return _match_from(ctx, add, x, branch)  # type: ignore[arg-type]
         except NoMatch as e:
             failures.append(e)
     raise max(failures, key=lambda e: e.near, default=NoMatch("no residual stream"))
 
 
-def _match_from(g: GraphIndex, add_at: int, x: str, branch: str) -> FfnBlock:
+def _match_from(ctx: _Context, add: ir.Node, x: ir.Value, branch: ir.Value) -> FfnBlock:
     down_out, down_casts = branch, []
-    while (p := g.producer.get(down_out)) is not None and g.node(p).op_type in CASTS:
+    while (p := producer(down_out)) is not None and p.op_type in CASTS:
         down_casts.append(p)
-        down_out = g.node(p).input[0]
-    down = match_projection(g, down_out)
-    product_at = g.producer.get(down.input)
-    if product_at is None or g.node(product_at).op_type != "Mul":
+        down_out = p.inputs[0]  # type: ignore[assignment]
+    down = match_projection(down_out)
+    product = producer(down.x, "Mul")
+    if product is None:
         raise NoMatch("the down projection does not read a gated product")
-    product = g.node(product_at)
     failures: list[NoMatch] = []
-    for act_out, up_out in (product.input, reversed(product.input)):
+    for act_out, up_out in (product.inputs, reversed(product.inputs)):
         try:
-            up = match_projection(g, up_out)
+            up = match_projection(up_out)  # type: ignore[arg-type]
         except NoMatch as e:
             failures.append(e)
             continue
         try:
-            return _finish(g, add_at, x, down, down_casts, product_at, act_out, up)
+            return _finish(ctx, add, x, down, down_casts, product, act_out, up)  # type: ignore[arg-type]
         except NoMatch as e:
             e.near = True
             failures.append(e)
@@ -594,70 +641,69 @@ def _match_from(g: GraphIndex, add_at: int, x: str, branch: str) -> FfnBlock:
 
 
 def _finish(
-    g: GraphIndex,
-    add_at: int,
-    x: str,
+    ctx: _Context,
+    add: ir.Node,
+    x: ir.Value,
     down: Projection,
-    down_casts: list[int],
-    product_at: int,
-    act_out: str,
+    down_casts: list[ir.Node],
+    product: ir.Node,
+    act_out: ir.Value,
     up: Projection,
 ) -> FfnBlock:
-    z = up.input
+    z = up.x
 
-    def is_gate(v: str) -> bool:
+    def is_gate(v: ir.Value) -> bool:
         try:
-            return match_projection(g, v).input == z
+            return match_projection(v).input == z.name
         except NoMatch:
             return False
 
-    act_nodes, leaves = _island(g, act_out, is_gate, ELEMENTWISE)
+    act_nodes, leaves = _island(act_out, is_gate, ELEMENTWISE)
     if len(leaves) != 1:
         raise NoMatch("the activation does not read exactly one gate projection")
     (gate_out,) = leaves
-    gate = match_projection(g, gate_out)
-    activation = _activation_name(g, act_nodes)
+    gate = match_projection(gate_out)
+    activation = _activation_name(act_nodes)
     if activation == "other" or not act_nodes:
         raise NoMatch("the gate activation is not SiLU or GELU")
-    for value in (v for i in act_nodes for v in g.node(i).input if g.is_constant(v)):
-        if int(np.prod(g.shape_of_constant(value) or ())) != 1:
-            raise NoMatch(f"the activation uses a non-scalar constant '{value}'")
-    dtypes = {weight_dtype(g, p.weight) for p in (gate, up, down)}
+    for value in (v for n in act_nodes for v in n.inputs if v is not None and is_constant(v)):
+        if int(np.prod(constant_shape(value) or ())) != 1:
+            raise NoMatch(f"the activation uses a non-scalar constant '{value.name}'")
+    dtypes = {weight_dtype(ctx.graph.initializers, p.weight) for p in (gate, up, down)}
     if len(dtypes) != 1:
         raise NoMatch("the gate, up and down weights have different dtypes")
     (dtype,) = dtypes
     for role, proj in (("gate", gate), ("up", up), ("down", down)):
         if not proj.weight.constant:
             raise NoMatch(f"{role} weight '{proj.weight.name}' is not a constant initializer")
-    norm = match_norm(g, z, x, g.elem_type(x) or dtype, dtype)  # type: ignore[arg-type]
+    norm = match_norm(z, x, elem_type(x) or dtype, dtype, ctx.order, ctx.opsets)  # type: ignore[arg-type]
     hidden, intermediate = gate.shape
-    _bind_shapes(hidden, intermediate, norm, gate, up, down, g)
+    _bind_shapes(hidden, intermediate, norm, gate, up, down, ctx.graph.initializers)
     nodes = (
         norm.nodes | gate.nodes | up.nodes | act_nodes | down.nodes
-        | {product_at, add_at, *down_casts}
+        | frozenset({product, add, *down_casts})
     )  # fmt: skip
-    add = g.node(add_at)
-    _check_interior(g, nodes, keep=add.output[0])
+    _check_interior(ctx, nodes, keep=add.outputs[0])
     return FfnBlock(
         index=-1,
-        residual_in=x,
-        residual_out=add.output[0],
-        residual_add=add_at,
+        residual_in=x.name or "",
+        residual_out=add.outputs[0].name or "",
+        residual_add=add,
         norm=norm,
         gate=gate,
         up=up,
         down=down,
         activation=activation,
         activation_nodes=act_nodes,
-        activation_input=gate_out,
-        activation_output=act_out,
-        product=product_at,
+        activation_input=gate_out.name or "",
+        activation_output=act_out.name or "",
+        product=product,
         down_casts=tuple(down_casts),
         nodes=frozenset(nodes),
         hidden=hidden,
         intermediate=intermediate,
         dtype=dtype_name(dtype),
-        signature=_island_signature(g, act_nodes, gate_out),
+        signature=_island_signature(act_nodes, gate_out, ctx.order),
     )
 
 
@@ -668,7 +714,7 @@ def _bind_shapes(
     gate: Projection,
     up: Projection,
     down: Projection,
-    g: GraphIndex,
+    initializers: Mapping[str, ir.Value],
 ) -> None:
     """Bind H and I across the weights; any disagreement is a refusal naming the culprit."""
     expected = {"up": (up, (hidden, inter)), "down": (down, (inter, hidden))}
@@ -679,42 +725,44 @@ def _bind_shapes(
                 f" from the gate's H={hidden}, I={inter}"
             )
     for _, gain in norm.gains:
-        size = int(np.prod(g.shape_of_constant(gain)))  # type: ignore[arg-type]
+        size = int(np.prod(initializer(initializers, gain).shape))
         if size != hidden:
             raise NoMatch(f"norm gain '{gain}' has {size} elements, expected H={hidden}")
 
 
-def _check_interior(g: GraphIndex, nodes: set[int] | frozenset[int], keep: str) -> None:
+def _check_interior(ctx: _Context, nodes: frozenset[ir.Node], keep: ir.Value) -> None:
     """Reject a match whose interior values are read outside it or are graph outputs."""
-    for i in sorted(nodes):
-        for value in g.node(i).output:
-            if value == keep or not value:
+    for node in sorted(nodes, key=ctx.order.__getitem__):
+        for value in node.outputs:
+            if value is keep or not value.name:
                 continue
-            if value in g.graph_outputs:
-                raise NoMatch(f"interior value '{value}' is a graph output", near=True)
-            outside = [j for j in g.users(value) if j not in nodes]
+            if value in ctx.outputs:
+                raise NoMatch(f"interior value '{value.name}' is a graph output", near=True)
+            outside = [n for n in readers(value) if n not in nodes]
             if outside:
                 raise NoMatch(
-                    f"interior value '{value}' also feeds node {g.label(outside[0])}", near=True
+                    f"interior value '{value.name}' also feeds node {label(outside[0])}", near=True
                 )
 
 
 def find_blocks(
-    g: GraphIndex, *, all_misses: bool = False
+    model: ir.Model, *, all_misses: bool = False
 ) -> tuple[list[FfnBlock], list[NearMiss]]:
     """Every FFN block of the graph in graph order, and the refused near misses (with
     ``all_misses``, every Add of two computed values that was refused, with its reason)."""
+    ctx = _Context(model.graph, dict(model.opset_imports))
     blocks: list[FfnBlock] = []
     misses: list[NearMiss] = []
-    for at, node in enumerate(g.nodes):
+    for at, node in enumerate(model.graph):
         if node.op_type != "Add":
             continue
         try:
-            block = match_block(g, at)
+            block = match_block(ctx, node)
         except NoMatch as e:
-            computed = sum(not g.is_constant(v) for v in node.input) == 2
+            computed = sum(v is not None and not is_constant(v) for v in node.inputs) == 2
             if e.near or (all_misses and computed):
-                misses.append(NearMiss(at, node.name or node.output[0], e.reason, e.near))
+                name = node.name or node.outputs[0].name or ""
+                misses.append(NearMiss(at, name, e.reason, e.near))
             continue
         blocks.append(_with_index(block, len(blocks)))
     return blocks, misses

@@ -12,7 +12,7 @@ elementwise ops, data movement) runs in the low type; float weights are stored i
 Rules, in order:
 - Seeds kept in fp32: `KEEP_FP32_OPS` (reductions, norms, Pow/Sqrt/Reciprocal/Exp/Log, ops with
   float control inputs), squares `Mul(x, x)`, nodes with subgraphs, and nodes of non-standard
-  domains.
+  domains except `LOW_CONTRIB_OPS`.
 - An island grows through Add/Sub/Mul/Div/Neg whose float inputs come from fp32 nodes, constants,
   or the island's own input (the `x` of `Mul(x, 1/rms)`), so the whole RMSNorm chain, gain
   included, stays fp32 while the residual Add beside it does not.
@@ -25,13 +25,26 @@ onnxruntime.transformers.float16 (op block lists) write fp16 only, and NVIDIA Mo
 (fp16/bf16, the path TensorRT 11 documents) pins onnx/onnxruntime-gpu versions this project
 cannot take. Hence this small converter, one code path for both types.
 
-Pre-conditions: float tensors are FLOAT (fp32); opset >= 13 for bf16 Casts; control-flow nodes
-may only read outer-scope tensors that stay fp32. Post-condition: the checker passes and shape
-inference types every converted tensor.
+ONNX Runtime's own ops, as onnxruntime-genai's model builder and ONNX Runtime's transformer
+optimizer write them: the norms (`SimplifiedLayerNormalization`, written in the ONNX domain, and
+`Skip[Simplified]LayerNormalization`) are fp32 islands like the decomposed ones, so the residual
+stream that `SkipSimplifiedLayerNormalization` carries (its output 3) stays fp32 too. The ops
+that compute like a MatMul (`GroupQueryAttention`, `RotaryEmbedding`, `MatMulNBits`) run in
+fp16: all their float inputs share one type T, and ONNX Runtime's CPU provider has fp16 kernels
+for them (bf16 ones for none). So an attention's KV cache is fp16 too.
+
+Pre-conditions: float tensors are FLOAT (fp32) and typed by shape inference or the model's
+value_info (which is how ONNX Runtime ops, unknown to onnx, get types); opset >= 13 for bf16
+Casts; control-flow nodes may only read outer-scope tensors that stay fp32. Post-condition: the
+checker passes and shape inference types every converted tensor; for a model with ops that
+onnx does not know (which neither can check), ONNX Runtime's CPU provider instead builds a
+session: it checks every node against its schema, ONNX Runtime's own ops included, and finds a
+kernel for its types.
 """
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -55,6 +68,7 @@ KEEP_FP32_OPS = frozenset({
     "ReduceLogSumExp", "ReduceProd", "Softmax", "LogSoftmax", "CumSum", "LayerNormalization",
     "RMSNormalization", "GroupNormalization", "InstanceNormalization", "BatchNormalization",
     "LpNormalization", "MeanVarianceNormalization",
+    "SimplifiedLayerNormalization",  # ONNX Runtime's RMSNorm, in the ONNX domain
     # the RMSNorm chain and other overflow-prone elementwise math
     "Pow", "Sqrt", "Reciprocal", "Exp", "Log",
     # float control inputs or attributes that must stay fp32
@@ -63,6 +77,16 @@ KEEP_FP32_OPS = frozenset({
 })  # fmt: skip
 _ISLAND_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Neg"})
 _STANDARD = ("", "ai.onnx")
+# ONNX Runtime ops that compute in the low type like a MatMul: one type T for every float input
+# and output, and fp16 kernels in ONNX Runtime's CPU provider (1.32: GroupQueryAttention,
+# RotaryEmbedding and MatMulNBits register float and float16, no bfloat16). Each maps to the
+# positions of float inputs fixed at fp32 (GroupQueryAttention's k_scale, v_scale of a quantised
+# cache): a node that has one stays fp32, since a Cast would change them too.
+LOW_CONTRIB_OPS: dict[tuple[str, str], tuple[int, ...]] = {
+    ("com.microsoft", "GroupQueryAttention"): (12, 13),
+    ("com.microsoft", "RotaryEmbedding"): (),
+    ("com.microsoft", "MatMulNBits"): (),
+}
 # Not classified: Cast is decided from its readers; Constant values are converted per reader;
 # Shape and Size read either precision and output integers.
 _SKIP = frozenset({"Cast", "Constant", "Shape", "Size"})
@@ -82,6 +106,23 @@ class ConversionReport:
 
 def _node_name(node: onnx.NodeProto, index: int) -> str:
     return node.name or f"#{index} ({node.op_type})"
+
+
+def _runs_low(node: onnx.NodeProto) -> bool:
+    """An ONNX Runtime op that computes in the low type (see `LOW_CONTRIB_OPS`)."""
+    fixed = LOW_CONTRIB_OPS.get((node.domain, node.op_type))
+    return fixed is not None and not any(i < len(node.input) and node.input[i] for i in fixed)
+
+
+def _unknown_ops(model: onnx.ModelProto) -> list[str]:
+    """Ops that onnx's checker and shape inference do not know: ONNX Runtime's own, mostly."""
+    local = {(f.domain, f.name) for f in model.functions}
+    unknown = set()
+    for node in model.graph.node:
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        if (domain, node.op_type) not in local and not onnx.defs.has(node.op_type, domain):
+            unknown.add(node.op_type if not domain else f"{domain}.{node.op_type}")
+    return sorted(unknown)
 
 
 def _has_subgraph(node: onnx.NodeProto) -> bool:
@@ -165,10 +206,17 @@ class _Converter:
             if node.op_type in _SKIP or not self._node_is_float(node):
                 continue
             if self.types.get(node.output[0] if node.output else "", 0) == 0 and node.output:
-                missing = node.output[0]
+                missing, unknown = node.output[0], _unknown_ops(self.model)
+                why = (
+                    f": onnx's shape inference does not type what its unknown ops "
+                    f"({', '.join(unknown)}) compute, so the model must carry value_info for "
+                    "them, as onnxruntime-genai's builder writes"
+                    if unknown
+                    else ""
+                )
                 raise GraphfuseError(
                     f"cannot convert: shape inference left {missing!r} (output of "
-                    f"{_node_name(node, index)}) untyped"
+                    f"{_node_name(node, index)}) untyped{why}"
                 )
             square = (
                 node.op_type == "Mul" and len(node.input) == 2 and node.input[0] == node.input[1]
@@ -176,7 +224,7 @@ class _Converter:
             if (
                 node.op_type in KEEP_FP32_OPS
                 or square  # x * x overflows like Pow(x, 2)
-                or node.domain not in _STANDARD
+                or (node.domain not in _STANDARD and not _runs_low(node))
                 or _has_subgraph(node)
             ):
                 self.seeds.add(index)
@@ -382,7 +430,9 @@ def _load(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         return copy
-    path = Path(model)
+    from graphfuse import genai
+
+    path = genai.model_file(model) if genai.is_folder(model) else Path(model)
     if not path.is_file():
         raise GraphfuseError(f"ONNX file not found: {path}")
     return onnx.load(str(path))
@@ -395,7 +445,8 @@ def convert_precision(
 
     Norms and reductions stay in fp32 islands (see the module docstring). With `keep_io_types`
     the graph inputs and outputs stay fp32 (Casts at the edges), so the same feeds work.
-    Returns the converted model (a copy) and a report.
+    `model` may be an onnxruntime-genai folder: its model is converted (`convert_folder` writes
+    a whole folder). Returns the converted model (a copy) and a report.
     """
     if dtype not in LOW_TYPES:
         raise GraphfuseError(f"unknown dtype {dtype!r}: use 'fp16' or 'bf16'")
@@ -403,16 +454,49 @@ def convert_precision(
     opset = next((o.version for o in proto.opset_import if o.domain in _STANDARD), 0)
     if dtype == "bf16" and opset < 13:
         raise GraphfuseError(f"bf16 needs opset >= 13 (Cast to bfloat16); the model has {opset}")
+    unknown = _unknown_ops(proto)
+    if dtype == "bf16" and unknown:
+        raise GraphfuseError(
+            f"bf16 needs ops onnx knows, but the model has {', '.join(unknown)}; ONNX Runtime's "
+            "CPU kernels run no bf16 MatMul or GroupQueryAttention, so nothing here could run "
+            "or check the result: use fp16"
+        )
     converter = _Converter(proto, dtype, keep_io_types)
     converter.classify()
     converter.rewrite()
-    try:
-        if proto.ByteSize() < 2**31 - 1:
-            onnx.checker.check_model(proto)
-            onnx.shape_inference.infer_shapes(proto, strict_mode=True)
-    except Exception as exc:
-        raise GraphfuseError(f"the converted model does not check: {exc}") from None
+    if proto.ByteSize() < 2**31 - 1:  # a bigger one cannot be serialised to check in memory
+        _check(proto, unknown)
     return proto, converter.report
+
+
+def _check(model: onnx.ModelProto | Path, unknown: list[str]) -> None:
+    """The post-condition: onnx's checker and strict shape inference, or, where the model has
+    ops they do not know, an ONNX Runtime session (schemas and kernels of ONNX Runtime's ops).
+    `model` in memory, or its file when it is too big to serialise (over 2 GB)."""
+    if not unknown:
+        try:
+            if isinstance(model, Path):
+                onnx.checker.check_model(str(model))
+                onnx.shape_inference.infer_shapes_path(str(model), os.devnull, strict_mode=True)
+            else:
+                onnx.checker.check_model(model)
+                onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        except Exception as exc:
+            raise GraphfuseError(f"the converted model does not check: {exc}") from None
+        return
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    try:
+        ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GraphfuseError(
+            f"the converted model does not load in ONNX Runtime (which checks it, as onnx's "
+            f"checker does not know {', '.join(unknown)}): {first}"
+        ) from None
 
 
 def convert(
@@ -420,6 +504,35 @@ def convert(
 ) -> onnx.ModelProto:
     """`convert_precision` without the report."""
     return convert_precision(model, dtype, keep_io_types=keep_io_types)[0]
+
+
+def convert_folder(
+    source: str | os.PathLike, output: str | os.PathLike, dtype: str = "fp16"
+) -> ConversionReport:
+    """Convert the model of an onnxruntime-genai folder into a new, complete folder `output`.
+
+    The graph inputs and outputs take the low type too, as in the builder's own fp16 models:
+    the KV cache (past_key_values.* in, present.* out, read and written by GroupQueryAttention in
+    fp16) and the logits. onnxruntime-genai reads those types from the model, so
+    genai_config.json is copied unchanged. bf16 is refused: onnxruntime-genai runs the folder in
+    ONNX Runtime, whose CPU kernels have no bf16 MatMul or GroupQueryAttention.
+    """
+    from graphfuse import genai, onnx_io
+
+    if dtype == "bf16":
+        raise GraphfuseError(
+            "bf16 of an onnxruntime-genai folder: ONNX Runtime's CPU kernels, which run it, "
+            "have no bf16 MatMul or GroupQueryAttention; use fp16"
+        )
+
+    def write(model_in: Path, model_out: Path) -> ConversionReport:
+        converted, report = convert_precision(model_in, dtype, keep_io_types=False)
+        onnx_io.save(converted, model_out)
+        if converted.ByteSize() >= 2**31 - 1:  # too big to check in memory: check the file
+            _check(model_out, _unknown_ops(converted))
+        return report
+
+    return genai.transform_folder(Path(source), Path(output), write)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,6 +629,7 @@ __all__ = [
     "ConversionReport",
     "conversion_error",
     "convert",
+    "convert_folder",
     "convert_precision",
     "run_model",
 ]

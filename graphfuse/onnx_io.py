@@ -1,10 +1,12 @@
 """Reading models safely and writing them atomically, with weights streamed from disk to disk.
 
-A model is read without its external data; weights are read one tensor at a time when a pass
-needs them. On writing, every external tensor is copied chunk by chunk into one data file beside
-the output (never pointing back into the input's data file), new tensors are appended as they
-are made, and the files only take their final names once everything is written: a failure
-leaves no half-written output. Inputs are only ever opened for reading.
+A model is read without its external data, and its data files are checked before a byte is read:
+a location must name a plain file beside the model (onnx_ir, which reads external data by its own
+code, checks containment too; the checks here give the user's error). Weights are read one
+tensor at a time when a pass needs them. On writing (`graphfuse.ir.save`, onnx_ir's writer),
+every external tensor goes into one data file beside the output, never pointing back into the
+input's, and the files only take their final names once everything is written: a failure leaves
+no half-written output. Inputs are only ever opened for reading.
 """
 
 from __future__ import annotations
@@ -16,17 +18,12 @@ import tempfile
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-import numpy as np
 import onnx
+import onnx_ir as ir
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper, numpy_helper
+from onnx import external_data_helper
 
 from graphfuse.errors import GraphfuseError
-
-# Protobuf cannot serialise a message over 2 GB; leave room for the graph itself.
-INLINE_LIMIT = 1 << 30
-ALIGN = 4096
-COPY_CHUNK = 64 << 20
 
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
@@ -156,102 +153,6 @@ def external_files(model: onnx.ModelProto, base_dir: Path | None) -> list[Path]:
     )
 
 
-class TensorSink:
-    """Where new weights go: kept in the proto (`None` path) or appended to an output data file
-    as they are made, so that no more than one run's weights are ever in memory."""
-
-    def __init__(self, data_path: Path | None = None) -> None:
-        self.data_path = data_path
-        self.written: set[str] = set()  # tensors already in the data file
-        self._file = None
-        self._tmp: Path | None = None
-        if data_path is not None:
-            fd, tmp = tempfile.mkstemp(
-                prefix=data_path.name + ".", suffix=".partial", dir=data_path.parent
-            )
-            self._file = os.fdopen(fd, "wb")
-            self._tmp = Path(tmp)
-
-    def tensor(self, name: str, array: np.ndarray) -> onnx.TensorProto:
-        if self._file is None:
-            return numpy_helper.from_array(np.ascontiguousarray(array), name)
-        tensor = onnx.TensorProto(name=name, dims=array.shape)
-        tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
-        self._append(tensor, np.ascontiguousarray(array).view(np.uint8).reshape(-1).data)
-        self.written.add(name)
-        return tensor
-
-    def copy(self, tensor: onnx.TensorProto, base_dir: Path | None) -> None:
-        """Move one tensor of the input into the output's data file (streamed from disk)."""
-        assert self._file is not None
-        if external_data_helper.uses_external_data(tensor):
-            info = external_data_helper.ExternalDataInfo(tensor)
-            with open(Path(base_dir or ".") / info.location, "rb") as src:
-                src.seek(info.offset or 0)
-                offset = self._start(tensor)
-                remaining = (
-                    info.length if info.length is not None else os.fstat(src.fileno()).st_size
-                )
-                while remaining > 0:
-                    chunk = src.read(min(COPY_CHUNK, remaining))
-                    if not chunk:
-                        raise GraphfuseError(f"external data of '{tensor.name}' is truncated")
-                    self._file.write(chunk)
-                    remaining -= len(chunk)
-                self._finish(tensor, offset)
-        elif tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
-            raw = tensor.raw_data
-            tensor.ClearField("raw_data")
-            self._append(tensor, raw)
-
-    def _start(self, tensor: onnx.TensorProto) -> int:
-        assert self._file is not None
-        offset = self._file.tell()
-        pad = -offset % ALIGN
-        self._file.write(b"\0" * pad)
-        return offset + pad
-
-    def _finish(self, tensor: onnx.TensorProto, offset: int) -> None:
-        assert self._file is not None and self.data_path is not None
-        length = self._file.tell() - offset
-        del tensor.external_data[:]
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (
-            ("location", self.data_path.name),
-            ("offset", offset),
-            ("length", length),
-        ):
-            tensor.external_data.add(key=key, value=str(value))
-
-    def _append(self, tensor: onnx.TensorProto, data) -> None:
-        offset = self._start(tensor)
-        self._file.write(data)  # type: ignore[union-attr]
-        self._finish(tensor, offset)
-
-    def commit(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(self._tmp, self.data_path)  # type: ignore[arg-type]
-            self._file = None
-
-    def discard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._tmp is not None:
-            with suppress(FileNotFoundError):
-                self._tmp.unlink()
-
-
-def needs_external_data(model: onnx.ModelProto) -> bool:
-    inline = sum(len(t.raw_data) for t in model.graph.initializer)
-    return inline > INLINE_LIMIT or any(
-        external_data_helper.uses_external_data(t) for t in model.graph.initializer
-    )
-
-
 @contextmanager
 def atomic_folder(output: Path, inputs: list[Path]):
     """Yield an empty temporary folder beside ``output``; it becomes ``output`` only if the block
@@ -303,34 +204,32 @@ def atomic_output(path: Path):
 
 
 def save(
-    model: onnx.ModelProto,
-    path: str | os.PathLike,
-    *,
-    base_dir: Path | None = None,
-    sink: TensorSink | None = None,
+    model: onnx.ModelProto | ir.Model, path: str | os.PathLike, *, base_dir: Path | None = None
 ) -> Path:
-    """Write ``model`` to ``path`` atomically. Models with external data (or too big to inline)
-    get one data file, ``<name>.data``, beside the output; ``sink`` is the one already holding
-    the tensors a pass wrote there."""
+    """Write ``model`` to ``path`` atomically: the model file and, where it needs one, its data
+    file ``<name>.data`` are written in a folder beside ``path`` and moved into place once both
+    are complete. ``base_dir`` is where a proto's external data lives."""
+    from graphfuse import ir as irs
+
     path = Path(path).resolve()
-    external = (sink is not None and sink.data_path is not None) or needs_external_data(model)
-    if external and sink is None:
-        sink = TensorSink(path.with_name(path.name + ".data"))
+    if isinstance(model, onnx.ModelProto):
+        model = irs.from_proto(model, base_dir)
     try:
-        if external:
-            assert sink is not None
-            for tensor in model.graph.initializer:
-                if tensor.name not in sink.written:
-                    sink.copy(tensor, base_dir)
-        with atomic_output(path) as tmp:
-            with open(tmp, "wb") as f:
-                f.write(model.SerializeToString())
-                f.flush()
-                os.fsync(f.fileno())
-            if sink is not None:
-                sink.commit()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    except OSError as e:
+        raise GraphfuseError(f"cannot write to {path.parent} ({e.strerror})") from None
+    data = path.with_name(path.name + ".data")
+    moved = False
+    try:
+        irs.save(model, tmp / path.name)
+        if (tmp / data.name).exists():
+            os.replace(tmp / data.name, data)
+            moved = True
+        os.replace(tmp / path.name, path)
     except BaseException:
-        if sink is not None:
-            sink.discard()
+        if moved:
+            data.unlink(missing_ok=True)
         raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path

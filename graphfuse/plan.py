@@ -124,7 +124,7 @@ def source_of(found: Inspection) -> Source:
         raise GraphfuseError("no FFN blocks found: a plan needs a model graphfuse recognises")
     digest = hashlib.sha256()
     for block in found.blocks:
-        gain = gain_of(found.index, block).astype(ml_dtypes.bfloat16)
+        gain = gain_of(found.model.graph.initializers, block).astype(ml_dtypes.bfloat16)
         digest.update(gain.tobytes())
     return Source(
         layers=len(found.blocks),
@@ -139,7 +139,7 @@ def attention_absent(found: Inspection) -> list[int]:
     attention a plan made on this model records as removed."""
     from graphfuse.passes.drop_attention import find_attention
 
-    present = find_attention(found.index, found.blocks)
+    present = find_attention(found.model, found.blocks)
     if not present:  # an FFN-only graph: nothing was removed, there is nothing to remove
         return []
     return [b.index for b in found.blocks if b.index not in present and b.index > 0]
@@ -343,17 +343,17 @@ def apply(
         source = api.model_path(source)
     name = str(source)
 
-    def transform(proto, base_dir, sink):
+    def transform(proto, base_dir):
         from graphfuse.passes.drop_attention import drop_attention, find_attention
 
         found = api.inspect(proto, base_dir)
         check_source(plan, found, name)
-        present = find_attention(found.index, found.blocks)
+        present = find_attention(found.model, found.blocks)
         drop = [j for j in plan.attention_removed if j in present]
         if drop:
             proto, _ = drop_attention(proto, drop, base_dir)
         runs = [(r.first, r.last) for r in plan.runs]
-        return api._fuse(proto, runs, None, False, progress, sink, base_dir, downs=plan.downs(),
+        return api._fuse(proto, runs, None, False, progress, base_dir, downs=plan.downs(),
                          requantize=plan.gate_up == "requantized", linear=plan.linear())  # fmt: skip
 
     return api._transform_file(source, output, transform, check=True)

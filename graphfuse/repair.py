@@ -246,13 +246,13 @@ def _fit_runs(
     """One pass of ONNX Runtime over each data set: ``source`` cut down to the runs' inputs X and
     sequential outputs Y gives the targets; ``fused`` cut down to the part between X (named
     ``inputs`` there) and each run's down projection gives H."""
+    from graphfuse import ir as irs
     from graphfuse.method import session
-    from graphfuse.surgery import only_outputs
 
     ends = [(source.blocks[a].residual_in, source.blocks[b].residual_out) for a, b in runs]
     taps = list(dict.fromkeys(v for pair in ends for v in pair))
     # the split graph: every residual stream has a name there (a skip norm's may not)
-    sequential = session(only_outputs(source.index.model, taps), threads)
+    sequential = session(irs.runnable(irs.with_outputs(source.model, taps, only=True)), threads)
     # ONNX Runtime spells a type "tensor(float16)": the TensorProto name, in lower case
     types = {o.name: onnx.TensorProto.DataType.Value(o.type[7:-1].upper())
              for o in sequential.get_outputs()}  # fmt: skip
@@ -326,48 +326,32 @@ def _prefill(session: ort.InferenceSession, feed: Mapping[str, np.ndarray]) -> d
 
 def _cut(model: onnx.ModelProto, inputs: dict[str, int], outputs: list[str]) -> onnx.ModelProto:
     """The part of ``model`` that computes ``outputs`` from ``inputs`` (name → element type) and
-    constants, with the initializers it reads (copied: only those).
+    constants, with the initializers it reads (onnx_ir's ``extract``).
 
     Skip norms are split first (Add + norm, `graphfuse.skip_norm`): one whose sum output is an
     input X computes its norm from X's parts, and the cut must stop at X."""
-    from onnx import helper
+    import onnx_ir as ir
 
+    from graphfuse import ir as irs
     from graphfuse import skip_norm
-    from graphfuse.surgery import empty_like
 
-    graph = model.graph
-    shell = empty_like(model)  # the nodes alone: splitting needs no weights
-    shell.graph.node.extend(graph.node)
-    nodes = skip_norm.split(shell)[0].graph.node
-    known = {v for n in nodes for v in n.output} | {v.name for v in graph.input}
+    m = irs.from_proto(model)
+    skip_norm.split(m)
+    named = irs.values(m.graph)
     for name in inputs:
-        if name not in known:
+        if name not in named or named[name].is_initializer():
             raise GraphfuseError(f"repair: run input '{name}' is not a value of the fused model")
-    producer = {v: n for n in nodes for v in n.output}
-    constants = {t.name for t in graph.initializer}
-    kept: set[int] = set()
-    stack = list(outputs)
-    while stack:
-        value = stack.pop()
-        if not value or value in inputs or value in constants:
-            continue
-        node = producer.get(value)
-        if node is None:
-            raise GraphfuseError(
-                f"repair: the fused runs' hidden activations depend on '{value}', not only on the "
-                f"runs' inputs {sorted(inputs)}"
-            )
-        if id(node) not in kept:
-            kept.add(id(node))
-            stack.extend(node.input)
-    cut = empty_like(model)
-    del cut.graph.input[:], cut.graph.output[:]
-    cut.graph.input.extend(helper.make_tensor_value_info(v, t, None) for v, t in inputs.items())
-    cut.graph.output.extend(helper.make_empty_tensor_value_info(v) for v in outputs)
-    cut.graph.node.extend(n for n in nodes if id(n) in kept)  # in order: still topological
-    read = {v for n in cut.graph.node for v in n.input}
-    cut.graph.initializer.extend(t for t in graph.initializer if t.name in read)
-    return cut
+    try:
+        graph = ir.convenience.extract(m.graph, list(inputs), outputs)
+    except ValueError as e:
+        raise GraphfuseError(
+            f"repair: the fused runs' hidden activations depend on more than the runs' inputs "
+            f"{sorted(inputs)} ({e})"
+        ) from None
+    for value in graph.inputs:
+        value.dtype = ir.DataType(inputs[value.name])  # type: ignore[index]
+    cut = ir.Model(graph, ir_version=m.ir_version)  # the graph carries the opset imports
+    return irs.to_proto(cut)
 
 
 class DownProjection:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import onnx_ir as ir
+
 from graphfuse.blocks import FfnBlock, NearMiss
-from graphfuse.graph import ATTENTION_OPS, GraphIndex
+from graphfuse.ir import ATTENTION_OPS, elem_type, label, producer, readers, values
 
 
 @dataclass(frozen=True)
@@ -41,21 +43,25 @@ class Refusal:
 
 
 def pair_refusal(
-    g: GraphIndex,
+    graph: ir.Graph,
     a: FfnBlock,
     b: FfnBlock,
     misses: list[NearMiss] = (),  # type: ignore[assignment]
+    named: dict[str, ir.Value] | None = None,
 ) -> str | None:
     """Why block ``b`` cannot follow block ``a`` in one run, or None when it can."""
-    casts = no_op_casts(g, a.residual_out, b.residual_in)
+    named = named if named is not None else values(graph)
+    source, target = named[a.residual_out], named[b.residual_in]
+    casts = no_op_casts(source, target)
     if casts is None:
-        return _between(g, a, b, misses)
-    for out in (a.residual_out, *(g.node(i).output[0] for i in casts[:-1])):
-        if out in g.graph_outputs:
-            return f"block {a.index}'s output '{out}' is a graph output"
-        elsewhere = [j for j in g.users(out) if j not in b.nodes and j not in casts]
+        return _between(graph, source, target, b, misses)
+    outputs = frozenset(graph.outputs)
+    for out in (source, *(c.outputs[0] for c in casts[:-1])):
+        if out in outputs:
+            return f"block {a.index}'s output '{out.name}' is a graph output"
+        elsewhere = [n for n in readers(out) if n not in b.nodes and n not in casts]
         if elsewhere:
-            return f"block {a.index}'s output '{out}' also feeds node {g.label(elsewhere[0])}"
+            return f"block {a.index}'s output '{out.name}' also feeds node {label(elsewhere[0])}"
     if a.norm.eps != b.norm.eps:
         return f"eps differs: {a.norm.eps:g} vs {b.norm.eps:g}"
     if a.activation != b.activation or (a.signature != b.signature and a.activation == "other"):
@@ -88,55 +94,58 @@ def _quantised_refusal(a: FfnBlock, b: FfnBlock) -> str | None:
     return None
 
 
-def no_op_casts(g: GraphIndex, source: str, target: str) -> list[int] | None:
+def no_op_casts(source: ir.Value, target: ir.Value) -> list[ir.Node] | None:
     """The Casts that carry ``source`` to ``target`` without changing its type (the TorchScript
     exporter writes ``x.to(float32)`` on an fp32 stream), or None if something else is there."""
-    chain: list[int] = []
+    chain: list[ir.Node] = []
     value = target
-    while value != source:
-        at = g.producer.get(value)
-        if at is None or g.node(at).op_type != "Cast" or len(chain) > 4:
+    while value is not source:
+        node = producer(value, "Cast")
+        if node is None or len(chain) > 4:
             return None
-        node = g.node(at)
-        if g.elem_type(node.input[0]) != g.elem_type(node.output[0]):
+        if elem_type(node.inputs[0]) != elem_type(node.outputs[0]):
             return None
-        chain.append(at)
-        value = node.input[0]
+        chain.append(node)
+        value = node.inputs[0]  # type: ignore[assignment]
     return chain[::-1]
 
 
-def _between(g: GraphIndex, a: FfnBlock, b: FfnBlock, misses: list[NearMiss]) -> str:
+def _between(
+    graph: ir.Graph, source: ir.Value, target: ir.Value, b: FfnBlock, misses: list[NearMiss]
+) -> str:
     """Describe what stands on the residual stream between two blocks."""
+    order = {node: i for i, node in enumerate(graph)}
     # Nodes that depend on a's output and that b's input depends on, i.e. on a path between.
-    stop = b.residual_add
-    after: set[int] = set()
-    frontier = [a.residual_out]
+    stop = order[b.residual_add]
+    after: set[ir.Node] = set()
+    frontier = [source]
     while frontier:
-        for j in g.users(frontier.pop()):
-            if j < stop and j not in after and j not in b.nodes:
-                after.add(j)
-                frontier.extend(g.node(j).output)
-    before: set[int] = set()
-    frontier = [b.residual_in]
-    while frontier:
-        at = g.producer.get(frontier.pop())
-        if at is not None and at in after and at not in before:
-            before.add(at)
-            frontier.extend(g.node(at).input)
-    between = sorted(before)
-    softmax = [j for j in between if g.node(j).op_type in ATTENTION_OPS]
-    if softmax:
-        return f"attention between them (node {g.label(softmax[0])})"
-    refused = [m for m in misses if m.node in before]
+        for node in readers(frontier.pop()):
+            if order[node] < stop and node not in after and node not in b.nodes:
+                after.add(node)
+                frontier.extend(node.outputs)
+    before: set[ir.Node] = set()
+    stack: list[ir.Value | None] = [target]
+    while stack:
+        made = producer(stack.pop())
+        if made is not None and made in after and made not in before:
+            before.add(made)
+            stack.extend(made.inputs)
+    between = sorted(before, key=order.__getitem__)
+    attention = [n for n in between if n.op_type in ATTENTION_OPS]
+    if attention:
+        return f"attention between them (node {label(attention[0])})"
+    positions = {order[n] for n in before}
+    refused = [m for m in misses if m.node in positions]
     if refused:
         return f"a refused FFN block between them ('{refused[0].name}': {refused[0].reason})"
     if between:
-        return f"{len(between)} node(s) between them, first {g.label(between[0])}"
-    return f"block {b.index} does not read block {a.index}'s output"
+        return f"{len(between)} node(s) between them, first {label(between[0])}"
+    return f"block {b.index} does not read block {b.index - 1}'s output"
 
 
 def find_runs(
-    g: GraphIndex,
+    graph: ir.Graph,
     blocks: list[FfnBlock],
     misses: list[NearMiss] = (),  # type: ignore[assignment]
 ) -> tuple[list[Run], list[Refusal]]:
@@ -145,8 +154,10 @@ def find_runs(
     runs: list[Run] = []
     refusals: list[Refusal] = []
     first = 0
+    named = values(graph)
     for i in range(1, len(blocks) + 1):
-        reason = pair_refusal(g, blocks[i - 1], blocks[i], misses) if i < len(blocks) else ""
+        last = i == len(blocks)
+        reason = "" if last else pair_refusal(graph, blocks[i - 1], blocks[i], misses, named)
         if reason is None:
             continue
         runs.append(Run(first, i - 1))

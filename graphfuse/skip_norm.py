@@ -24,10 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import onnx
-from onnx import helper
-
-from graphfuse.surgery import empty_like
+import onnx_ir as ir
 
 SKIP = "SkipSimplifiedLayerNormalization"
 PLAIN = "SimplifiedLayerNormalization"
@@ -38,99 +35,86 @@ TAG = "graphfuse.skip_norm"  # the doc_string of split halves
 class Split:
     """What `split` did: the original node for each norm half, by the half's output name."""
 
-    originals: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    originals: dict[str, ir.Node] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.originals)
 
 
-def split(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Split]:
-    """A copy of ``model`` (weights shared, not copied) with each skip norm as Add + norm."""
+def split(model: ir.Model) -> Split:
+    """Rewrite each skip norm of ``model`` (in place) as Add + norm."""
     done = Split()
-    nodes: list[onnx.NodeProto] = []
-    for node in model.graph.node:
+    graph = model.graph
+    for node in list(graph):
         if not _splittable(node):
-            nodes.append(node)
             continue
-        x, skip, gain = node.input[:3]
-        out = list(node.output) + [""] * (4 - len(node.output))
-        stream = out[3] or f"{node.name or out[0]}/graphfuse_sum"
-        eps = next((a for a in node.attribute if a.name == "epsilon"), None)
-        nodes.append(
-            helper.make_node("Add", [x, skip], [stream], name=f"{node.name}/add", doc_string=TAG)
+        x, skip, gain = node.inputs[:3]
+        outputs = list(node.outputs)
+        stream = outputs[3] if len(outputs) > 3 else None
+        add = ir.node("Add", [x, skip], name=f"{node.name}/add", doc_string=TAG)
+        add.outputs[0].name = f"{node.name or outputs[0].name}/graphfuse_sum"
+        eps = node.attributes.get("epsilon")
+        norm = ir.node(
+            PLAIN,
+            [add.outputs[0], gain],
+            {"axis": -1, **({"epsilon": eps.value} if eps is not None else {})},
+            name=node.name,
+            doc_string=TAG,
         )
-        norm = helper.make_node(PLAIN, [stream, gain], [out[0]], name=node.name, doc_string=TAG)
-        norm.attribute.extend([eps] if eps is not None else [])
-        norm.attribute.append(helper.make_attribute("axis", -1))
-        nodes.append(norm)
-        done.originals[out[0]] = node
-    if not done:
-        return model, done
-    return _with_nodes(model, nodes), done
+        old, new = [outputs[0]], [norm.outputs[0]]
+        if stream is not None and stream.name:
+            old.append(stream)
+            new.append(add.outputs[0])
+        name = outputs[0].name
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [add, norm], old, new)
+        done.originals[name or ""] = node
+    return done
 
 
-def join(model: onnx.ModelProto, done: Split) -> onnx.ModelProto:
-    """``model`` with every split pair (or a pass's copy of one) joined into one skip norm."""
+def join(model: ir.Model, done: Split) -> None:
+    """Join every split pair of ``model`` (or a pass's copy of one) into one skip norm, in place."""
     if not done:
-        return model
-    producer = {v: n for n in model.graph.node for v in n.output}
-    readers: dict[str, int] = {}
-    for n in model.graph.node:
-        for v in n.input:
-            readers[v] = readers.get(v, 0) + 1
-    outputs = {v.name for v in model.graph.output}
-    joined: dict[int, onnx.NodeProto] = {}  # id(Add) -> the skip norm that replaces it
-    dropped: set[int] = set()
-    for norm in model.graph.node:
-        ours = norm.doc_string == TAG or norm.name.startswith("graphfuse/")
+        return
+    graph = model.graph
+    outputs = frozenset(graph.outputs)
+    for norm in list(graph):
+        ours = norm.doc_string == TAG or (norm.name or "").startswith("graphfuse/")
         if norm.op_type != PLAIN or not ours:
             continue
-        add = producer.get(norm.input[0])
-        original = done.originals.get(norm.output[0]) or _original_by_name(done, norm)
-        if add is None or add.op_type != "Add" or original is None or id(add) in joined:
+        add = norm.inputs[0].producer() if norm.inputs[0] is not None else None
+        original = done.originals.get(norm.outputs[0].name or "") or _original_by_name(done, norm)
+        if add is None or add.op_type != "Add" or original is None or add.graph is not graph:
             continue
-        stream = add.output[0]
-        keep_stream = readers.get(stream, 0) > 1 or stream in outputs
-        same = (
-            list(original.input[:3]) == [*add.input, norm.input[1]]
-            and original.output[0] == norm.output[0]
-            and keep_stream == bool(original.output[3:4] and original.output[3])
+        stream = add.outputs[0]
+        keep_stream = len(stream.uses()) > 1 or stream in outputs
+        node = ir.Node(
+            original.domain,
+            original.op_type,
+            [*add.inputs, norm.inputs[1]],
+            attributes=list(original.attributes.values()),
+            num_outputs=4 if keep_stream else 1,
+            name=original.name,
+            doc_string=original.doc_string,
         )
-        if same:
-            node = original
-        else:
-            node = onnx.NodeProto()
-            node.CopyFrom(original)
-            node.input[:] = [*add.input, norm.input[1]]
-            node.output[:] = [norm.output[0], "", "", stream if keep_stream else ""]
-        joined[id(add)] = node
-        dropped.add(id(norm))
-    if not joined:
-        return model
-    nodes = [joined.get(id(n), n) for n in model.graph.node if id(n) not in dropped]
-    return _with_nodes(model, nodes)
+        old, new = [norm.outputs[0]], [node.outputs[0]]
+        if keep_stream:
+            old.append(stream)
+            new.append(node.outputs[3])
+        ir.convenience.replace_nodes_and_values(graph, norm, [add, norm], [node], old, new)
 
 
-def _splittable(node: onnx.NodeProto) -> bool:
-    if node.op_type != SKIP or node.domain != "com.microsoft" or len(node.input) < 3:
+def _splittable(node: ir.Node) -> bool:
+    if node.op_type != SKIP or node.domain != "com.microsoft" or len(node.inputs) < 3:
         return False
-    has_bias = len(node.input) > 3 and bool(node.input[3])
-    stats_read = any(node.output[i] for i in (1, 2) if i < len(node.output))
-    return not has_bias and not stats_read
+    has_bias = len(node.inputs) > 3 and node.inputs[3] is not None
+    stats_read = any(node.outputs[i].uses() for i in (1, 2) if i < len(node.outputs))
+    stats_out = any(node.outputs[i].is_graph_output() for i in (1, 2) if i < len(node.outputs))
+    return not has_bias and not stats_read and not stats_out
 
 
-def _original_by_name(done: Split, norm: onnx.NodeProto) -> onnx.NodeProto | None:
+def _original_by_name(done: Split, norm: ir.Node) -> ir.Node | None:
     """A pass's copy of a split norm (``graphfuse/ffn3-5/<name>``) maps to its original."""
     for original in done.originals.values():
-        if original.name and norm.name.endswith("/" + original.name):
+        if original.name and (norm.name or "").endswith("/" + original.name):
             return original
     return None
-
-
-def _with_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
-    """A copy of ``model`` with ``nodes`` (weights shared, not copied)."""
-    out = empty_like(model)
-    out.graph.node.extend(nodes)
-    out.graph.initializer.extend(model.graph.initializer)
-    out.graph.value_info.extend(model.graph.value_info)
-    return out

@@ -20,24 +20,25 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import helper
 
+from graphfuse import ir as irs
 from graphfuse import skip_norm
 from graphfuse.blocks import FfnBlock, find_blocks
 from graphfuse.canonical import canonicalize
 from graphfuse.errors import GraphfuseError
-from graphfuse.graph import ATTENTION_OPS, GraphIndex
-from graphfuse.surgery import rebuild
+from graphfuse.ir import ATTENTION_OPS, elem_type, producer
 
 
 @dataclass(frozen=True)
 class AttentionBlock:
     layer: int  # the FFN block it feeds
-    add: int  # the residual Add
-    stream: str  # the residual stream it adds to
-    nodes: frozenset[int]  # the attention branch
-    past: tuple[str, ...]  # graph inputs this branch reads (its KV cache; maybe shared ones)
-    present: tuple[str, ...]  # graph outputs this branch writes (KV cache)
+    add: ir.Node  # the residual Add
+    stream: ir.Value  # the residual stream it adds to
+    nodes: frozenset[ir.Node]  # the attention branch
+    past: tuple[ir.Value, ...]  # graph inputs only this branch reads (its KV cache)
+    present: tuple[ir.Value, ...]  # graph outputs this branch writes (KV cache)
 
 
 @dataclass
@@ -51,35 +52,42 @@ class DropReport:
     removed_outputs: list[str]
 
 
-def find_attention(g: GraphIndex, blocks: list[FfnBlock]) -> dict[int, AttentionBlock]:
+def find_attention(model: ir.Model, blocks: list[FfnBlock]) -> dict[int, AttentionBlock]:
     """The attention sub-block feeding each FFN block, where there is one."""
+    graph = model.graph
     ffn_nodes = frozenset().union(*(b.nodes for b in blocks)) if blocks else frozenset()
+    named = irs.values(graph)
+    inputs = frozenset(graph.inputs)
+    outputs = frozenset(graph.outputs)
     found = {}
     for block in blocks:
-        at = g.producer.get(block.residual_in)
-        if at is None or g.node(at).op_type != "Add":
+        add = producer(named[block.residual_in], "Add")
+        if add is None or len(add.inputs) != 2:
             continue
-        add = g.node(at)
-        for stream, branch in (add.input, reversed(add.input)):
-            nodes = _branch(g, branch, stream, ffn_nodes)
-            if nodes is not None and any(g.node(i).op_type in ATTENTION_OPS for i in nodes):
+        for stream, branch in (add.inputs, reversed(add.inputs)):
+            nodes = _branch(branch, stream, ffn_nodes)  # type: ignore[arg-type]
+            if nodes is not None and any(n.op_type in ATTENTION_OPS for n in nodes):
+                read = {v for n in nodes for v in n.inputs if v in inputs}
                 past = tuple(
-                    v for v in _read_inputs(g, nodes)
-                    if all(j in nodes for j in g.users(v))
+                    sorted((v for v in read if all(u.node in nodes for u in v.uses())),
+                           key=lambda v: v.name or "")
                 )  # fmt: skip
-                present = tuple(
-                    v for i in sorted(nodes) for v in g.node(i).output if v in g.graph_outputs
-                )
+                present = tuple(v for n in nodes for v in n.outputs if v in outputs)
                 found[block.index] = AttentionBlock(
-                    block.index, at, stream, frozenset(nodes), past, present
+                    block.index,
+                    add,
+                    stream,  # type: ignore[arg-type]
+                    frozenset(nodes),
+                    past,
+                    present,
                 )
                 break
     return found
 
 
-def _branch(g: GraphIndex, value: str, stream: str, ffn_nodes: frozenset[int]) -> set[int] | None:
+def _branch(value: ir.Value, stream: ir.Value, ffn_nodes: frozenset) -> set[ir.Node] | None:
     """Nodes computing ``value`` back to ``stream``; None if that reaches into an FFN block."""
-    nodes: set[int] = set()
+    nodes: set[ir.Node] = set()
     stack = [value]
     seen = {stream}
     while stack:
@@ -87,18 +95,14 @@ def _branch(g: GraphIndex, value: str, stream: str, ffn_nodes: frozenset[int]) -
         if v in seen:
             continue
         seen.add(v)
-        at = g.producer.get(v)
-        if at is None:
+        node = v.producer()
+        if node is None:
             continue
-        if at in ffn_nodes:
+        if node in ffn_nodes:
             return None
-        nodes.add(at)
-        stack.extend(i for i in g.node(at).input if i)
+        nodes.add(node)
+        stack.extend(i for i in node.inputs if i is not None)
     return nodes
-
-
-def _read_inputs(g: GraphIndex, nodes: set[int]) -> list[str]:
-    return sorted({v for i in nodes for v in g.node(i).input if v in g.graph_inputs})
 
 
 def kv_bytes_per_token(model: onnx.ModelProto, names: set[str] | None = None) -> int:
@@ -116,16 +120,21 @@ def kv_bytes_per_token(model: onnx.ModelProto, names: set[str] | None = None) ->
     return total
 
 
+def _inspected(model: onnx.ModelProto, base_dir) -> tuple[ir.Model, skip_norm.Split, list]:
+    model, _ = canonicalize(model, base_dir)
+    m = irs.from_proto(model, base_dir)
+    split = skip_norm.split(m)
+    blocks, _ = find_blocks(m)
+    return m, split, blocks
+
+
 def drop_attention(
     model: onnx.ModelProto, layers: list[int], base_dir=None
 ) -> tuple[onnx.ModelProto, DropReport]:
     """Remove the attention of ``layers``; returns the new model and what changed."""
     original = model
-    model, _ = canonicalize(model, base_dir)
-    model, split = skip_norm.split(model)
-    g = GraphIndex(model, base_dir)
-    blocks, _ = find_blocks(g)
-    attention = find_attention(g, blocks)
+    m, split, blocks = _inspected(model, base_dir)
+    attention = find_attention(m, blocks)
     missing = [j for j in layers if j not in attention]
     if missing:
         have = ", ".join(map(str, sorted(attention))) or "none"
@@ -134,38 +143,35 @@ def drop_attention(
             f"(layers with attention: {have})"
         )
     chosen = [attention[j] for j in sorted(set(layers))]
-    rename = {g.node(a.add).output[0]: a.stream for a in chosen}
-    removed = {a.add for a in chosen}
-    nodes = []
-    for i, node in enumerate(g.nodes):
-        if i in removed:
-            out = node.output[0]
-            if out in g.graph_outputs:  # keep the output's name: copy the stream into it
-                nodes.append(helper.make_node("Identity", [rename.pop(out)], [out], name=node.name))
-            continue
-        if any(v in rename for v in node.input):
-            copy = onnx.NodeProto()
-            copy.CopyFrom(node)
-            copy.input[:] = [_resolve(rename, v) for v in node.input]
-            node = copy
-        nodes.append(node)
-    drop_outputs = {v for a in chosen for v in a.present}
-    new = skip_norm.join(rebuild(g, nodes, drop_outputs=drop_outputs), split)
+    graph = m.graph
+    # Back to front: consecutive removed layers chain (layer j's stream may be the output of
+    # layer j-1's removed Add), so each Add is replaced by a stream that is still there.
+    for a in reversed(chosen):
+        out = a.add.outputs[0]
+        if out.is_graph_output():  # keep the output's name: copy the stream into it
+            identity = ir.node("Identity", [a.stream], name=a.add.name)
+            ir.convenience.replace_nodes_and_values(
+                graph, a.add, [a.add], [identity], [out], [identity.outputs[0]]
+            )
+        else:
+            ir.convenience.replace_all_uses_with(out, a.stream)
+    dropped_outputs = {v for a in chosen for v in a.present}
+    graph.outputs[:] = [v for v in graph.outputs if v not in dropped_outputs]
+    irs.remove_dead(m)
     # A cache input goes once nothing reads it; inputs the layers share (the mask, positions,
     # shapes taken from one layer's cache) are still read and stay.
-    read = {v for n in new.graph.node for v in n.input}
-    drop_inputs = {v for a in chosen for v in a.past if v not in read}
-    kept = [v for v in new.graph.input if v.name not in drop_inputs]
-    del new.graph.input[:]
-    new.graph.input.extend(kept)
+    dropped_inputs = {v for a in chosen for v in a.past if not v.uses()}
+    graph.inputs[:] = [v for v in graph.inputs if v not in dropped_inputs]
+    skip_norm.join(m, split)
+    new = irs.to_proto(m)
     report = DropReport(
         layers=[a.layer for a in chosen],
         nodes_before=len(original.graph.node),
         nodes_after=len(new.graph.node),
         kv_bytes_per_token_before=kv_bytes_per_token(original),
         kv_bytes_per_token_after=kv_bytes_per_token(new),
-        removed_inputs=sorted(drop_inputs),
-        removed_outputs=sorted(drop_outputs),
+        removed_inputs=sorted(v.name or "" for v in dropped_inputs),
+        removed_outputs=sorted(v.name or "" for v in dropped_outputs),
     )
     return new, report
 
@@ -174,31 +180,19 @@ def gate_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[int, s
     """A copy where each layer's attention output is multiplied by a scalar graph input
     ``attention_gate.<layer>`` before its residual Add: feeding 0 removes that attention
     exactly, so one session scores the removal of every layer (the importance scan)."""
-    model, _ = canonicalize(model)
-    model, split = skip_norm.split(model)
-    g = GraphIndex(model)
-    blocks, _ = find_blocks(g)
-    attention = find_attention(g, blocks)
-    gated = onnx.ModelProto()
-    gated.CopyFrom(model)
-    nodes = list(gated.graph.node)
+    m, split, blocks = _inspected(model, None)
     gates: dict[int, str] = {}
-    for layer, a in sorted(attention.items(), reverse=True):  # back to front: positions hold
-        add = nodes[a.add]
-        branch = add.input[1] if add.input[0] == a.stream else add.input[0]
-        gate, scaled = f"attention_gate.{layer}", f"graphfuse/attention{layer}/gated"
-        nodes.insert(a.add, helper.make_node("Mul", [branch, gate], [scaled], name=scaled))
-        add.input[list(add.input).index(branch)] = scaled
-        elem = g.elem_type(add.output[0]) or onnx.TensorProto.FLOAT
-        gated.graph.input.append(helper.make_tensor_value_info(gate, elem, []))
-        gates[layer] = gate
-    del gated.graph.node[:]
-    gated.graph.node.extend(nodes)
-    return skip_norm.join(gated, split), dict(sorted(gates.items()))
-
-
-def _resolve(rename: dict[str, str], value: str) -> str:
-    # Consecutive removed layers chain: layer j's stream may itself be a removed Add's output.
-    while value in rename:
-        value = rename[value]
-    return value
+    for layer, a in sorted(find_attention(m, blocks).items()):
+        branch = a.add.inputs[1] if a.add.inputs[0] is a.stream else a.add.inputs[0]
+        assert branch is not None
+        elem = elem_type(a.add.outputs[0]) or onnx.TensorProto.FLOAT
+        gate = ir.Value(name=f"attention_gate.{layer}", type=ir.TensorType(ir.DataType(elem)),
+                        shape=ir.Shape([]))  # fmt: skip
+        m.graph.inputs.append(gate)
+        scaled = ir.node("Mul", [branch, gate], name=f"graphfuse/attention{layer}/gated")
+        scaled.outputs[0].name = f"graphfuse/attention{layer}/gated"
+        m.graph.insert_before(a.add, scaled)
+        a.add.replace_input_with(list(a.add.inputs).index(branch), scaled.outputs[0])
+        gates[layer] = gate.name  # type: ignore[assignment]
+    skip_norm.join(m, split)
+    return irs.to_proto(m), gates

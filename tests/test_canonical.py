@@ -16,9 +16,9 @@ import pytest
 from onnx import external_data_helper, numpy_helper
 
 import graphfuse
+from graphfuse import ir as irs
 from graphfuse.blocks import find_blocks
 from graphfuse.canonical import canonicalize
-from graphfuse.graph import GraphIndex
 from graphfuse.models.synthetic import SPELLINGS, Variant, build_spelled, reference
 
 H, WIDTH = 8, 16
@@ -151,7 +151,7 @@ def op_types(model: onnx.ModelProto) -> set[str]:
 
 def recognised(model: onnx.ModelProto) -> int:
     """Blocks the recogniser finds on the graph as it is (no canonicalisation)."""
-    return len(find_blocks(GraphIndex(model))[0])
+    return len(find_blocks(irs.from_proto(model))[0])
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -188,7 +188,7 @@ def test_the_recogniser_says_why_before_folding() -> None:
     """The two failures of the issue, reproduced on the graphs as exported."""
     for parts, reason in ((CASTLIKE_CONSTANTS, "eps"), (RESHAPED_AXES, "Reshape")):
         model = block(parts, identity=False)
-        blocks, misses = find_blocks(GraphIndex(model))
+        blocks, misses = find_blocks(irs.from_proto(model))
         assert blocks == []
         assert any(reason in m.reason for m in misses), [m.reason for m in misses]
 

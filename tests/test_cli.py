@@ -178,7 +178,7 @@ def test_failure_while_writing_leaves_nothing(
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(onnx_io.os, "fsync", fail)
+    monkeypatch.setattr(onnx_io.os, "replace", fail)
     before = snapshot(tmp_path)
     with pytest.raises(OSError, match="disk full"):
         fuse_file(model_file, tmp_path / "out.onnx")

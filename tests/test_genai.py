@@ -22,6 +22,7 @@ from conftest import LAYERS
 
 import graphfuse
 from graphfuse import genai
+from graphfuse import ir as irs
 from graphfuse.api import drop_attention_file, parallel_reference
 from graphfuse.cli import main
 from graphfuse.models import genai_build, smollm2
@@ -131,7 +132,7 @@ def test_fused_run_equals_parallel_reference(
     actual = _run_output(fused, value, feeds)
     assert _relative_error(actual, expected) <= TOLERANCE[precision]
     # and the approximation is not the identity: the sequential run differs
-    sequential = _run_output(found.index.model, value, feeds)
+    sequential = _run_output(irs.to_proto(found.model), value, feeds)
     assert _relative_error(sequential, expected) > 10 * TOLERANCE[precision]
 
 
@@ -157,7 +158,9 @@ def test_fp16_build_fuses_within_fp16_rounding(tokenizer_dir: Path, tmp_path: Pa
     expected = run(parallel_reference(found, [RUN]))
     tolerance = 2 * 2**-10
     assert _relative_error(run(fused), expected) <= tolerance
-    assert _relative_error(run(found.index.model), expected) > 10 * tolerance  # not the identity
+    assert (
+        _relative_error(run(irs.to_proto(found.model)), expected) > 10 * tolerance
+    )  # not the identity
 
 
 def test_requantized_gate_up(dropped, tmp_path: Path) -> None:
