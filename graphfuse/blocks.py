@@ -42,6 +42,7 @@ from graphfuse.ir import (
     label,
     producer,
     rank,
+    read,
     readers,
     scalar,
 )
@@ -84,7 +85,7 @@ def initializer(initializers: Mapping[str, ir.Value], name: str) -> np.ndarray:
     value = initializers.get(name)
     if value is None or value.const_value is None:
         raise KeyError(f"'{name}' is not an initializer of the graph")
-    return value.const_value.numpy()
+    return read(value.const_value)
 
 
 @dataclass(frozen=True)

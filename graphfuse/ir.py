@@ -118,7 +118,18 @@ def is_constant(value: ir.Value | None) -> bool:
 def constant(value: ir.Value | None) -> np.ndarray | None:
     """The constant's values (read from external data when stored there), or None."""
     t = tensor(value)
-    return None if t is None else t.numpy()
+    return None if t is None else read(t)
+
+
+def read(t: ir.TensorProtocol) -> np.ndarray:
+    """A tensor's values. An external tensor is read through a map of its data file that is
+    let go at once: onnx_ir keeps a map (and its pages count in the process's memory) until
+    released, so reading every weight of a model would otherwise hold all of them."""
+    if isinstance(t, ir.ExternalTensor):
+        array = t.numpy().copy()
+        t.release()
+        return array
+    return t.numpy()
 
 
 def constant_shape(value: ir.Value | None) -> tuple[int, ...] | None:
