@@ -309,16 +309,22 @@ def _nbits_weight(node: ir.Node) -> tuple[Weight, ir.Value | None]:
         if v is not None and not is_constant(v):
             return Weight(v.name or "", constant=False), None
     assert b is not None and scales is not None
-    quant = Quant(
-        scales=scales.name or "",
-        zero_points=zero_points.name if zero_points is not None else None,
-        bits=int(attr(node, "bits", 4)),  # type: ignore[call-overload]
-        block_size=int(attr(node, "block_size", 0)),  # type: ignore[call-overload]
-        accuracy_level=int(attr(node, "accuracy_level", 0)),  # type: ignore[call-overload]
-        k=int(attr(node, "K", 0)),  # type: ignore[call-overload]
-        n=int(attr(node, "N", 0)),  # type: ignore[call-overload]
-    )
+    attrs = {a.name: a.value for a in node.attributes.values()}
+    quant = nbits_layout(attrs, scales.name or "", zero_points.name if zero_points else None)
     return Weight(b.name or "", quant=quant), bias
+
+
+def nbits_layout(attrs: Mapping[str, object], scales: str, zero_points: str | None) -> Quant:
+    """A ``MatMulNBits`` node's storage, from its attributes and its scales and zero points."""
+    return Quant(
+        scales=scales,
+        zero_points=zero_points,
+        bits=int(attrs.get("bits", 4)),  # type: ignore[call-overload]
+        block_size=int(attrs.get("block_size", 0)),  # type: ignore[call-overload]
+        accuracy_level=int(attrs.get("accuracy_level", 0)),  # type: ignore[call-overload]
+        k=int(attrs.get("K", 0)),  # type: ignore[call-overload]
+        n=int(attrs.get("N", 0)),  # type: ignore[call-overload]
+    )
 
 
 def weight_dtype(initializers: Mapping[str, ir.Value], weight: Weight) -> int | None:

@@ -33,7 +33,7 @@ import onnx
 from tqdm import tqdm
 
 from graphfuse import nbits
-from graphfuse.blocks import Quant
+from graphfuse.blocks import Quant, nbits_layout
 from graphfuse.errors import GraphfuseError
 
 if TYPE_CHECKING:
@@ -418,8 +418,4 @@ def _quant(node: onnx.NodeProto) -> Quant:
     """How a MatMulNBits node stores its weight, from its attributes."""
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     zero_points = node.input[3] if len(node.input) > 3 and node.input[3] else None
-    return Quant(
-        scales=node.input[2], zero_points=zero_points, bits=attrs.get("bits", 4),
-        block_size=attrs["block_size"], accuracy_level=attrs.get("accuracy_level", 0),
-        k=attrs["K"], n=attrs["N"],
-    )  # fmt: skip
+    return nbits_layout(attrs, node.input[2], zero_points)
