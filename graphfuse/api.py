@@ -336,7 +336,7 @@ def _fuse(
     model, runs, max_run_length, keep_last, progress, base_dir=None, pack=False, downs=None,
     requantize=False, linear=(),
 ) -> tuple[ir.Model, FusionReport]:  # fmt: skip
-    from graphfuse.passes.fuse_ffn import fuse_ffn_runs
+    from graphfuse.passes.fuse_ffn import FuseFfn
 
     found = inspect(model, base_dir)
     model = found.model
@@ -353,10 +353,9 @@ def _fuse(
     with tqdm(
         total=sum(len(r) for r in chosen), desc="fusing", unit="block", disable=not progress
     ) as bar:
-        done = fuse_ffn_runs(
-            model, [[found.blocks[i] for i in r.indices] for r in chosen], bar, pack, downs,
-            requantize, linear,
-        )  # fmt: skip
+        runs = [[found.blocks[i] for i in r.indices] for r in chosen]
+        done = FuseFfn(runs, pack=pack, downs=downs, requantize=requantize, linear=linear,
+                       progress=bar)(model).report  # fmt: skip
     skip_norm.join(model, found.split)
     report = FusionReport(
         blocks=len(found.blocks),

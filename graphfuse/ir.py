@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
+
+from graphfuse.errors import GraphfuseError
 
 # Element-wise ops whose output has the shape of the broadcast of their inputs and which act on
 # each element independently: the building blocks of activations and of norm epilogues.
@@ -45,10 +49,25 @@ INLINE_LIMIT = 1 << 30
 def from_proto(proto: onnx.ModelProto, base_dir: Path | str | None = None) -> ir.Model:
     """``proto`` as an IR model (tensors wrapped, not copied); external data is read from
     ``base_dir`` when a pass asks for it."""
-    model = ir.serde.deserialize_model(proto)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except ir.serde.SerdeError as e:
+        cause: BaseException = e
+        while cause.__cause__ is not None:  # each level quotes the whole node or graph
+            cause = cause.__cause__
+        raise GraphfuseError(
+            f"cannot read the model into onnx_ir ({str(cause).splitlines()[0]}); graphfuse works on what onnx_ir "
+            "reads (a sparse Constant, for one, it does not: make it dense)"
+        ) from None
     if base_dir is not None:
         ir.external_data.set_base_dir(model.graph, str(base_dir))
     return model
+
+
+def load(path: str | Path) -> ir.Model:
+    """A model file as an IR model; its external weights stay on disk until read."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return from_proto(proto, Path(path).resolve().parent)
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
@@ -182,13 +201,16 @@ def label(node: ir.Node) -> str:
 
 def infer_types(model: ir.Model) -> None:
     """Fill in the element types and shapes ONNX shape inference can give (weights are not sent
-    to it); where inference fails, what was declared stays (onnx_ir's notes on that are
-    silenced: an unknown type is reported where it matters)."""
+    to it), with `onnx.shape_inference.infer_shapes`' defaults: no type check, since one input
+    of an unexpected type would fail the whole inference, and the checker (`trt_check`) sees
+    exactly such models. Where inference fails, what was declared stays (onnx_ir's notes on that
+    are silenced: an unknown type is reported where it matters)."""
     quiet = logging.getLogger("onnx_ir.passes.common.shape_inference")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        ir.passes.common.ShapeInferencePass(strict_mode=False)(model)
+        infer = ir.passes.common.ShapeInferencePass
+        infer(check_type=False, strict_mode=False, data_prop=False)(model)
     finally:
         quiet.setLevel(level)
 
@@ -197,8 +219,6 @@ def with_outputs(model: ir.Model, names: list[str], *, only: bool = False) -> ir
     """A clone of ``model`` (tensors shared) that also returns the values ``names`` (interior
     values or graph inputs), or, with ``only``, returns just those and computes nothing else.
     Each must have a known element type (declared or inferred), which a runtime wants."""
-    from graphfuse.errors import GraphfuseError
-
     clone = model.clone()
     named = values(clone.graph)
     wanted = []
@@ -237,6 +257,53 @@ def order(graph: ir.Graph) -> dict[ir.Node, int]:
 def remove_dead(model: ir.Model) -> None:
     """Remove the nodes and initializers no graph output depends on (onnx_ir's pass)."""
     ir.passes.common.RemoveUnusedNodesPass()(model)
+
+
+# -- passes ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result(ir.passes.PassResult):
+    """A graphfuse pass's result: the model (edited in place) and what the pass did."""
+
+    report: Any = None
+
+
+class Pass(ir.passes.InPlacePass):
+    """The shape of every graphfuse pass: an onnx_ir in-place pass, model in, `Result` (model and
+    report) out, checked after it runs: every node reads only values defined before it (the
+    graph is still in order), and every graph output is still computed, under the name and
+    element type it had (a pass may drop outputs, as attention removal drops the KV cache; it
+    never renames or retypes one)."""
+
+    def __call__(self, model: ir.Model | ir.passes.PassResult, /) -> Result:
+        result = super().__call__(model)
+        assert isinstance(result, Result), type(result)
+        return result
+
+    def requires(self, model: ir.Model) -> None:
+        self._outputs = {v.name: v.dtype for v in model.graph.outputs}
+
+    def ensures(self, model: ir.Model) -> None:
+        if (problem := out_of_order(model.graph)) is not None:
+            raise ir.passes.PostconditionError(f"{type(self).__name__}: {problem}")
+        for value in model.graph.outputs:
+            if value.name not in self._outputs or self._outputs[value.name] != value.dtype:
+                raise ir.passes.PostconditionError(
+                    f"{type(self).__name__}: graph output '{value.name}' is new or retyped"
+                )
+
+
+def out_of_order(graph: ir.Graph) -> str | None:
+    """Why ``graph`` is not in order (a node reads a value nothing before it defines), or None."""
+    defined = {*graph.inputs, *graph.initializers.values()}
+    for node in graph:
+        for value in node.inputs:
+            if value is not None and value not in defined:
+                return f"{label(node)} reads '{value.name}' before anything defines it"
+        defined.update(node.outputs)
+    missing = [v.name for v in graph.outputs if v not in defined]
+    return f"graph output '{missing[0]}' is computed by no node" if missing else None
 
 
 def copy_node(

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import helper
 
 from graphfuse import ir as irs
 from graphfuse import skip_norm
@@ -105,94 +103,109 @@ def _branch(value: ir.Value, stream: ir.Value, ffn_nodes: frozenset) -> set[ir.N
     return nodes
 
 
-def kv_bytes_per_token(model: onnx.ModelProto, names: set[str] | None = None) -> int:
+def kv_bytes_per_token(model: ir.Model) -> int:
     """Bytes one token adds to the KV cache: Σ over `past` inputs [batch, heads, seq, dim]."""
     total = 0
-    for value in model.graph.input:
-        if names is not None and value.name not in names:
+    for value in model.graph.inputs:
+        shape = value.shape
+        if shape is None or len(shape) != 4 or not (value.name or "").startswith("past"):
             continue
-        t = value.type.tensor_type
-        dims = [d.dim_value for d in t.shape.dim]
-        if len(dims) != 4 or not value.name.startswith("past"):
-            continue
-        size = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).itemsize
-        total += dims[1] * dims[3] * size
+        heads, dim = shape[1], shape[3]
+        if isinstance(heads, int) and isinstance(dim, int) and value.dtype is not None:
+            total += int(heads * dim * value.dtype.itemsize)
     return total
 
 
-def _inspected(model: onnx.ModelProto, base_dir) -> tuple[ir.Model, skip_norm.Split, list]:
-    model, _ = canonicalize(model, base_dir)
-    m = irs.from_proto(model, base_dir)
-    split = skip_norm.split(m)
-    blocks, _ = find_blocks(m)
-    return m, split, blocks
+class DropAttention(irs.Pass):
+    """Remove the attention of ``layers`` (FFN-block numbers); the report is a `DropReport`.
+    The model must be canonical (`graphfuse.canonical`); its skip norms are split for matching
+    and joined again."""
+
+    def __init__(self, layers: list[int]) -> None:
+        super().__init__()
+        self.layers = sorted(set(layers))
+
+    def call(self, model: ir.Model) -> irs.Result:
+        graph = model.graph
+        nodes_before, kv_before = len(graph), kv_bytes_per_token(model)
+        split = skip_norm.split(model)
+        blocks, _ = find_blocks(model)
+        attention = find_attention(model, blocks)
+        missing = [j for j in self.layers if j not in attention]
+        if missing:
+            have = ", ".join(map(str, sorted(attention))) or "none"
+            raise GraphfuseError(
+                f"no attention found before FFN block(s) {', '.join(map(str, missing))} "
+                f"(layers with attention: {have})"
+            )
+        chosen = [attention[j] for j in self.layers]
+        # Back to front: consecutive removed layers chain (layer j's stream may be the output of
+        # layer j-1's removed Add), so each Add is replaced by a stream that is still there.
+        for a in reversed(chosen):
+            out = a.add.outputs[0]
+            if out.is_graph_output():  # keep the output's name: copy the stream into it
+                identity = ir.node("Identity", [a.stream], name=a.add.name)
+                ir.convenience.replace_nodes_and_values(
+                    graph, a.add, [a.add], [identity], [out], [identity.outputs[0]]
+                )
+            else:
+                ir.convenience.replace_all_uses_with(out, a.stream)
+        dropped_outputs = {v for a in chosen for v in a.present}
+        graph.outputs[:] = [v for v in graph.outputs if v not in dropped_outputs]
+        irs.remove_dead(model)
+        # A cache input goes once nothing reads it; inputs the layers share (the mask,
+        # positions, shapes taken from one layer's cache) are still read and stay.
+        dropped_inputs = {v for a in chosen for v in a.past if not v.uses()}
+        graph.inputs[:] = [v for v in graph.inputs if v not in dropped_inputs]
+        skip_norm.join(model, split)
+        report = DropReport(
+            layers=[a.layer for a in chosen],
+            nodes_before=nodes_before,
+            nodes_after=len(graph),
+            kv_bytes_per_token_before=kv_before,
+            kv_bytes_per_token_after=kv_bytes_per_token(model),
+            removed_inputs=sorted(v.name or "" for v in dropped_inputs),
+            removed_outputs=sorted(v.name or "" for v in dropped_outputs),
+        )
+        return irs.Result(model, modified=True, report=report)
+
+
+class GateAttention(irs.Pass):
+    """Multiply each layer's attention output by a scalar graph input ``attention_gate.<layer>``
+    before its residual Add: feeding 0 removes that attention exactly, so one session scores the
+    removal of every layer (the importance scan). The report maps layers to their gate inputs."""
+
+    def call(self, model: ir.Model) -> irs.Result:
+        split = skip_norm.split(model)
+        blocks, _ = find_blocks(model)
+        gates: dict[int, str] = {}
+        for layer, a in sorted(find_attention(model, blocks).items()):
+            branch = a.add.inputs[1] if a.add.inputs[0] is a.stream else a.add.inputs[0]
+            assert branch is not None
+            elem = elem_type(a.add.outputs[0]) or onnx.TensorProto.FLOAT
+            gate = ir.Value(name=f"attention_gate.{layer}", type=ir.TensorType(ir.DataType(elem)),
+                            shape=ir.Shape([]))  # fmt: skip
+            model.graph.inputs.append(gate)
+            scaled = ir.node("Mul", [branch, gate], name=f"graphfuse/attention{layer}/gated")
+            scaled.outputs[0].name = f"graphfuse/attention{layer}/gated"
+            model.graph.insert_before(a.add, scaled)
+            a.add.replace_input_with(list(a.add.inputs).index(branch), scaled.outputs[0])
+            gates[layer] = f"attention_gate.{layer}"
+        skip_norm.join(model, split)
+        return irs.Result(model, modified=bool(gates), report=gates)
 
 
 def drop_attention(
     model: onnx.ModelProto, layers: list[int], base_dir=None
 ) -> tuple[onnx.ModelProto, DropReport]:
-    """Remove the attention of ``layers``; returns the new model and what changed."""
-    original = model
-    m, split, blocks = _inspected(model, base_dir)
-    attention = find_attention(m, blocks)
-    missing = [j for j in layers if j not in attention]
-    if missing:
-        have = ", ".join(map(str, sorted(attention))) or "none"
-        raise GraphfuseError(
-            f"no attention found before FFN block(s) {', '.join(map(str, missing))} "
-            f"(layers with attention: {have})"
-        )
-    chosen = [attention[j] for j in sorted(set(layers))]
-    graph = m.graph
-    # Back to front: consecutive removed layers chain (layer j's stream may be the output of
-    # layer j-1's removed Add), so each Add is replaced by a stream that is still there.
-    for a in reversed(chosen):
-        out = a.add.outputs[0]
-        if out.is_graph_output():  # keep the output's name: copy the stream into it
-            identity = ir.node("Identity", [a.stream], name=a.add.name)
-            ir.convenience.replace_nodes_and_values(
-                graph, a.add, [a.add], [identity], [out], [identity.outputs[0]]
-            )
-        else:
-            ir.convenience.replace_all_uses_with(out, a.stream)
-    dropped_outputs = {v for a in chosen for v in a.present}
-    graph.outputs[:] = [v for v in graph.outputs if v not in dropped_outputs]
-    irs.remove_dead(m)
-    # A cache input goes once nothing reads it; inputs the layers share (the mask, positions,
-    # shapes taken from one layer's cache) are still read and stay.
-    dropped_inputs = {v for a in chosen for v in a.past if not v.uses()}
-    graph.inputs[:] = [v for v in graph.inputs if v not in dropped_inputs]
-    skip_norm.join(m, split)
-    new = irs.to_proto(m)
-    report = DropReport(
-        layers=[a.layer for a in chosen],
-        nodes_before=len(original.graph.node),
-        nodes_after=len(new.graph.node),
-        kv_bytes_per_token_before=kv_bytes_per_token(original),
-        kv_bytes_per_token_after=kv_bytes_per_token(new),
-        removed_inputs=sorted(v.name or "" for v in dropped_inputs),
-        removed_outputs=sorted(v.name or "" for v in dropped_outputs),
-    )
-    return new, report
+    """Remove the attention of ``layers`` from a proto; returns the new model and its report."""
+    canonical, _ = canonicalize(model, base_dir)
+    result = DropAttention(layers)(irs.from_proto(canonical, base_dir))
+    return irs.to_proto(result.model), result.report
 
 
 def gate_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[int, str]]:
-    """A copy where each layer's attention output is multiplied by a scalar graph input
-    ``attention_gate.<layer>`` before its residual Add: feeding 0 removes that attention
-    exactly, so one session scores the removal of every layer (the importance scan)."""
-    m, split, blocks = _inspected(model, None)
-    gates: dict[int, str] = {}
-    for layer, a in sorted(find_attention(m, blocks).items()):
-        branch = a.add.inputs[1] if a.add.inputs[0] is a.stream else a.add.inputs[0]
-        assert branch is not None
-        elem = elem_type(a.add.outputs[0]) or onnx.TensorProto.FLOAT
-        gate = ir.Value(name=f"attention_gate.{layer}", type=ir.TensorType(ir.DataType(elem)),
-                        shape=ir.Shape([]))  # fmt: skip
-        m.graph.inputs.append(gate)
-        scaled = ir.node("Mul", [branch, gate], name=f"graphfuse/attention{layer}/gated")
-        scaled.outputs[0].name = f"graphfuse/attention{layer}/gated"
-        m.graph.insert_before(a.add, scaled)
-        a.add.replace_input_with(list(a.add.inputs).index(branch), scaled.outputs[0])
-        gates[layer] = gate.name  # type: ignore[assignment]
-    skip_norm.join(m, split)
-    return irs.to_proto(m), gates
+    """A copy of a proto with every attention gated (`GateAttention`), and the gates."""
+    canonical, _ = canonicalize(model)
+    result = GateAttention()(irs.from_proto(canonical))
+    return irs.to_proto(result.model), result.report

@@ -63,16 +63,9 @@ class FusedRun:
     output: str  # the value the fused residual Add writes (the run's original output)
 
 
-def fuse_ffn_runs(
-    model: ir.Model,
-    runs: list[list[FfnBlock]],
-    progress=None,
-    pack: bool = False,
-    downs: dict[tuple[int, int], np.ndarray] | None = None,
-    requantize: bool = False,
-    linear: Collection[tuple[int, int]] = (),
-) -> list[FusedRun]:
-    """Fuse every run in ``runs`` (blocks found in ``model``), editing ``model`` in place.
+class FuseFfn(irs.Pass):
+    """Fuse every run in ``runs`` (blocks found in the model the pass is given); the report is
+    the list of `FusedRun`.
 
     ``pack``: gate and up as one MatMul followed by Split (else two MatMuls). ``downs``: float32
     [ΣI, H] down projections to use instead of the join, by (first, last) block (a repair's
@@ -81,24 +74,41 @@ def fuse_ffn_runs(
     requantised (one shared norm, one gate and one up MatMulNBits: faster, not exact) instead
     of kept per branch (exact). ``linear``: runs, by (first, last) block, whose down projection
     also reads the normalised run input (its ``downs`` entry is then [ΣI + H, H]; without one,
-    those H rows are zeros)."""
-    graph = model.graph
-    weights = dict(graph.initializers)  # still readable once the run's own are removed
-    named = irs.values(graph)
-    order = irs.order(graph)
-    fused: list[FusedRun] = []
-    for run in runs:
-        key = (run[0].index, run[-1].index)
-        down = (downs or {}).get(key)
-        _Run(graph, weights, named, order, run).fuse(pack, down, requantize, key in linear)
-        fused.append(
-            FusedRun(run[0].index, run[-1].index, run[0].hidden,
-                     sum(b.intermediate for b in run), run[-1].residual_out)
-        )  # fmt: skip
-        if progress is not None:
-            progress.update(len(run))
-    irs.remove_dead(model)
-    return fused
+    those H rows are zeros). ``progress``: a tqdm bar, advanced by each run's blocks."""
+
+    def __init__(
+        self,
+        runs: list[list[FfnBlock]],
+        *,
+        pack: bool = False,
+        downs: dict[tuple[int, int], np.ndarray] | None = None,
+        requantize: bool = False,
+        linear: Collection[tuple[int, int]] = (),
+        progress=None,
+    ) -> None:
+        super().__init__()
+        self.runs, self.pack, self.downs = runs, pack, downs or {}
+        self.requantize, self.linear, self.progress = requantize, linear, progress
+
+    def call(self, model: ir.Model) -> irs.Result:
+        graph = model.graph
+        weights = dict(graph.initializers)  # still readable once the run's own are removed
+        named = irs.values(graph)
+        order = irs.order(graph)
+        fused: list[FusedRun] = []
+        for run in self.runs:
+            key = (run[0].index, run[-1].index)
+            _Run(graph, weights, named, order, run).fuse(
+                self.pack, self.downs.get(key), self.requantize, key in self.linear
+            )
+            fused.append(
+                FusedRun(run[0].index, run[-1].index, run[0].hidden,
+                         sum(b.intermediate for b in run), run[-1].residual_out)
+            )  # fmt: skip
+            if self.progress is not None:
+                self.progress.update(len(run))
+        irs.remove_dead(model)
+        return irs.Result(model, modified=bool(fused), report=fused)
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -212,6 +222,7 @@ class _Run:
         ir.convenience.replace_nodes_and_values(
             self.graph, add, [add], self.nodes, [add.outputs[0]], [out]
         )
+        self.named[last.residual_out] = out  # the next run may start here
 
     def wide_ffn(self, z: ir.Value, names: dict[ir.Value, ir.Value], pack: bool,
                  down: np.ndarray | None, linear: bool) -> ir.Value:  # fmt: skip
