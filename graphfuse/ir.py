@@ -48,7 +48,11 @@ INLINE_LIMIT = 1 << 30
 
 def from_proto(proto: onnx.ModelProto, base_dir: Path | str | None = None) -> ir.Model:
     """``proto`` as an IR model (tensors wrapped, not copied); external data is read from
-    ``base_dir`` when a pass asks for it."""
+    ``base_dir`` when a pass asks for it, and only from plain files inside it."""
+    if base_dir is not None:
+        from graphfuse.onnx_io import check_external_data
+
+        check_external_data(proto, Path(base_dir))
     try:
         model = ir.serde.deserialize_model(proto)
     except ir.serde.SerdeError as e:
