@@ -40,24 +40,34 @@ checker passes and shape inference types every converted tensor; for a model wit
 onnx does not know (which neither can check), ONNX Runtime's CPU provider instead builds a
 session: it checks every node against its schema, ONNX Runtime's own ops included, and finds a
 kernel for its types.
+
+Works on an `onnx_ir` model: a value's producer, readers and type say everything the rules
+ask. Weights are converted as the model is written (`ir.LazyTensor`s), a tensor at a time, and
+a model file's external weights are read one at a time too, so a weight's fp32 and low copies
+are never all held at once.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_ir as ir
+from onnx import TensorProto
 
+from graphfuse import ir as irs
 from graphfuse.errors import GraphfuseError
 
-LOW_TYPES = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+FP32 = ir.DataType.FLOAT
+TENSOR, GRAPH, GRAPHS = ir.AttributeType.TENSOR, ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS
+LOW_TYPES = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
 _NUMPY_LOW = {"fp16": np.dtype(np.float16), "bf16": np.dtype(ml_dtypes.bfloat16)}
 _FP16_MAX = float(np.finfo(np.float16).max)
 _PROVENANCE = "graphfuse.convert"
@@ -104,109 +114,106 @@ class ConversionReport:
     values_clamped: int = 0  # fp32 weights beyond the fp16 range, clamped to +-65504
 
 
-def _node_name(node: onnx.NodeProto, index: int) -> str:
+def _node_name(node: ir.Node, index: int) -> str:
     return node.name or f"#{index} ({node.op_type})"
 
 
-def _runs_low(node: onnx.NodeProto) -> bool:
+def _runs_low(node: ir.Node) -> bool:
     """An ONNX Runtime op that computes in the low type (see `LOW_CONTRIB_OPS`)."""
     fixed = LOW_CONTRIB_OPS.get((node.domain, node.op_type))
-    return fixed is not None and not any(i < len(node.input) and node.input[i] for i in fixed)
+    inputs = node.inputs
+    return fixed is not None and not any(i < len(inputs) and inputs[i] is not None for i in fixed)
 
 
-def _unknown_ops(model: onnx.ModelProto) -> list[str]:
+def _unknown_ops(model: ir.Model) -> list[str]:
     """Ops that onnx's checker and shape inference do not know: ONNX Runtime's own, mostly."""
-    local = {(f.domain, f.name) for f in model.functions}
+    local = {(f.domain, f.name) for f in model.functions.values()}
     unknown = set()
-    for node in model.graph.node:
-        domain = "" if node.domain == "ai.onnx" else node.domain
-        if (domain, node.op_type) not in local and not onnx.defs.has(node.op_type, domain):
-            unknown.add(node.op_type if not domain else f"{domain}.{node.op_type}")
+    for node in model.graph:  # onnx_ir spells the ONNX domain "" (never "ai.onnx")
+        key = (node.domain, node.op_type)
+        if key not in local and not onnx.defs.has(node.op_type, node.domain):
+            unknown.add(node.op_type if not node.domain else f"{node.domain}.{node.op_type}")
     return sorted(unknown)
 
 
-def _has_subgraph(node: onnx.NodeProto) -> bool:
-    return any(
-        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute
+def _has_subgraph(node: ir.Node) -> bool:
+    return any(a.type in (GRAPH, GRAPHS) for a in node.attributes.values())
+
+
+def _subgraphs(node: ir.Node) -> Iterator[ir.Graph]:
+    for attribute in node.attributes.values():
+        if attribute.type == GRAPH:
+            yield attribute.as_graph()
+        elif attribute.type == GRAPHS:
+            yield from attribute.as_graphs()
+
+
+def _outer_reads(sub: ir.Graph) -> list[ir.Value]:
+    """Values a subgraph (or one nested in it) reads from enclosing scopes."""
+    scopes = {sub, *sub.subgraphs()}
+    reads = (v for node in sub.all_nodes() for v in node.inputs if v is not None)
+    return list(dict.fromkeys(v for v in reads if v.graph not in scopes))
+
+
+def _readers(value: ir.Value, graph: ir.Graph) -> list[ir.Node]:
+    """The nodes of `graph` itself (not of its subgraphs) that read `value`."""
+    return [node for node in irs.readers(value) if node.graph is graph]
+
+
+def _shape(tensor: ir.TensorProtocol) -> ir.Shape:
+    return ir.Shape(tensor.shape.numpy())
+
+
+def _read_later(tensor: ir.TensorProtocol) -> ir.LazyTensor:
+    """An external tensor that is read into memory when written: a proto then holds it inline,
+    and a file written from the model no longer points into the input's data file."""
+    return ir.LazyTensor(
+        lambda: ir.Tensor(irs.read(tensor), dtype=tensor.dtype, name=tensor.name),
+        dtype=tensor.dtype,
+        shape=_shape(tensor),
+        name=tensor.name,
     )
 
 
-def _outer_names(graph: onnx.GraphProto) -> set[str]:
-    """Names a subgraph reads from enclosing scopes."""
-    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    outer: set[str] = set()
-    for node in graph.node:
-        outer.update(n for n in node.input if n and n not in local)
-        for attribute in node.attribute:
-            subs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else []
-            for sub in [*subs, *attribute.graphs]:
-                outer.update(n for n in _outer_names(sub) if n not in local)
-        local.update(node.output)
-    return outer
-
-
 class _Converter:
-    def __init__(self, model: onnx.ModelProto, dtype: str, keep_io_types: bool) -> None:
+    """Decides each float node's precision (`classify`), then edits the IR model in place to
+    match (`rewrite`); `finish` gives the report once the converted weights are written."""
+
+    def __init__(self, model: ir.Model, dtype: str, keep_io_types: bool) -> None:
         self.model = model
         self.graph = model.graph
         self.dtype = dtype
         self.low = LOW_TYPES[dtype]
         self.keep_io_types = keep_io_types
         self.report = ConversionReport(dtype)
-        self.types = self._tensor_types()
-        self.constants = {t.name for t in self.graph.initializer}
-        self.producer: dict[str, int] = {}
-        self.consumers: dict[str, list[int]] = defaultdict(list)
-        for index, node in enumerate(self.graph.node):
-            for name in node.output:
-                if name:
-                    self.producer[name] = index
-            for name in node.input:
-                if name:
-                    self.consumers[name].append(index)
-            if node.op_type == "Constant" and node.domain in _STANDARD:
-                self.constants.update(n for n in node.output if n)
-        self.precision: dict[int, str] = {}  # node index -> "fp32" | "low" (float nodes only)
-        self.seeds: set[int] = set()  # nodes kept in fp32 for what they are, not by contagion
+        self.precision: dict[ir.Node, str] = {}  # "fp32" | "low" (float nodes only)
+        self.seeds: set[ir.Node] = set()  # kept in fp32 for what they are, not by contagion
+        self._clamped: dict[int, int] = {}  # converted tensor -> values clamped (once written)
+        self._tensor_ids = itertools.count()
 
     # -- facts -----------------------------------------------------------------------------------
 
-    def _tensor_types(self) -> dict[str, int]:
-        try:
-            inferred = onnx.shape_inference.infer_shapes(self.model)
-        except Exception as exc:
-            raise GraphfuseError(
-                f"shape inference failed, so tensor types are unknown: {exc}"
-            ) from None
-        types: dict[str, int] = {}
-        graph = inferred.graph
-        for info in [*graph.input, *graph.output, *graph.value_info]:
-            if info.type.HasField("tensor_type"):
-                types[info.name] = info.type.tensor_type.elem_type
-        for init in graph.initializer:
-            types[init.name] = init.data_type
-        for node in graph.node:
-            if node.op_type == "Constant" and node.domain in _STANDARD:
-                value = next((a.t for a in node.attribute if a.name == "value"), None)
-                if value is not None:
-                    types[node.output[0]] = value.data_type
-        return types
+    def is_float(self, value: ir.Value | None) -> bool:
+        """Whether `value` is an fp32 tensor in the model as given (types are only changed once
+        every rule has read them)."""
+        if value is None:
+            return False
+        constant = irs.tensor(value)
+        if constant is not None:
+            return constant.dtype == FP32
+        return isinstance(value.type, ir.TensorType) and value.dtype == FP32
 
-    def is_float(self, name: str) -> bool:
-        return self.types.get(name) == TensorProto.FLOAT
-
-    def _node_is_float(self, node: onnx.NodeProto) -> bool:
-        return any(self.is_float(n) for n in [*node.input, *node.output] if n)
+    def _node_is_float(self, node: ir.Node) -> bool:
+        return any(self.is_float(v) for v in [*node.inputs, *node.outputs])
 
     # -- classification ------------------------------------------------------------------------
 
     def classify(self) -> None:
-        nodes = self.graph.node
-        for index, node in enumerate(nodes):
+        for index, node in enumerate(self.graph):
             if node.op_type in _SKIP or not self._node_is_float(node):
                 continue
-            if self.types.get(node.output[0] if node.output else "", 0) == 0 and node.output:
-                missing, unknown = node.output[0], _unknown_ops(self.model)
+            if node.outputs and not irs.elem_type(node.outputs[0]):
+                missing, unknown = node.outputs[0].name, _unknown_ops(self.model)
                 why = (
                     f": onnx's shape inference does not type what its unknown ops "
                     f"({', '.join(unknown)}) compute, so the model must carry value_info for "
@@ -218,224 +225,288 @@ class _Converter:
                     f"cannot convert: shape inference left {missing!r} (output of "
                     f"{_node_name(node, index)}) untyped{why}"
                 )
-            square = (
-                node.op_type == "Mul" and len(node.input) == 2 and node.input[0] == node.input[1]
-            )
+            inputs = node.inputs
+            square = node.op_type == "Mul" and len(inputs) == 2 and inputs[0] is inputs[1]
             if (
                 node.op_type in KEEP_FP32_OPS
                 or square  # x * x overflows like Pow(x, 2)
                 or (node.domain not in _STANDARD and not _runs_low(node))
                 or _has_subgraph(node)
             ):
-                self.seeds.add(index)
-            joins = index in self.seeds or self._joins_island(node)
-            self.precision[index] = "fp32" if joins else "low"
-        for index, node in enumerate(nodes):  # Casts after their consumers are known
+                self.seeds.add(node)
+            joins = node in self.seeds or self._joins_island(node)
+            self.precision[node] = "fp32" if joins else "low"
+        for node in self.graph:  # Casts after their readers are known
             if node.op_type != "Cast" or not self._node_is_float(node):
                 continue
-            if not self.is_float(node.output[0]):
+            out = node.outputs[0]
+            if not self.is_float(out):
                 continue  # Cast(float -> int/bool): reads either precision, no change
-            users = self.consumers.get(node.output[0], [])
-            is_output = node.output[0] in {o.name for o in self.graph.output}
-            all_fp32 = bool(users) and all(self.precision.get(u) == "fp32" for u in users)
-            keep = all_fp32 and not (is_output and not self.keep_io_types)
-            self.precision[index] = "fp32" if keep else "low"
+            readers = _readers(out, self.graph)
+            all_fp32 = bool(readers) and all(self.precision.get(r) == "fp32" for r in readers)
+            keep = all_fp32 and not (out.is_graph_output() and not self.keep_io_types)
+            self.precision[node] = "fp32" if keep else "low"
         self._check_subgraph_reads()
 
-    def _joins_island(self, node: onnx.NodeProto) -> bool:
+    def _joins_island(self, node: ir.Node) -> bool:
         """Elementwise node fed by an fp32 island and otherwise by constants or the island input."""
         if node.op_type not in _ISLAND_OPS:
             return False
-        float_inputs = [n for n in node.input if n and self.is_float(n)]
-        from_island = [n for n in float_inputs if self._produced_in_fp32(n)]
+        float_inputs = [v for v in node.inputs if self.is_float(v)]
+        from_island = [v for v in float_inputs if self._produced_in_fp32(v)]
         if not from_island:
             return False
         return all(
-            n in from_island or n in self.constants or self._feeds_fp32_seed(n)
-            for n in float_inputs
+            v in from_island or irs.is_constant(v) or self._feeds_fp32_seed(v) for v in float_inputs
         )
 
-    def _produced_in_fp32(self, name: str) -> bool:
-        index = self.producer.get(name)
-        return index is not None and self.precision.get(index) == "fp32"
+    def _produced_in_fp32(self, value: ir.Value | None) -> bool:
+        node = irs.producer(value)
+        return node is not None and self.precision.get(node) == "fp32"
 
-    def _feeds_fp32_seed(self, name: str) -> bool:
-        return any(u in self.seeds for u in self.consumers.get(name, []))
+    def _feeds_fp32_seed(self, value: ir.Value | None) -> bool:
+        return value is not None and any(r in self.seeds for r in _readers(value, self.graph))
 
     def _check_subgraph_reads(self) -> None:
-        for index, node in enumerate(self.graph.node):
-            if not _has_subgraph(node):
-                continue
-            for attribute in node.attribute:
-                subs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else []
-                for sub in [*subs, *attribute.graphs]:
-                    for name in _outer_names(sub):
-                        if self.is_float(name) and self._new_type(name) != TensorProto.FLOAT:
-                            raise GraphfuseError(
-                                f"cannot convert: subgraph of {_node_name(node, index)} reads "
-                                f"{name!r}, which would become {self.dtype}; control flow over "
-                                "converted tensors is not supported"
-                            )
+        for index, node in enumerate(self.graph):
+            for sub in _subgraphs(node):
+                for value in _outer_reads(sub):
+                    if self.is_float(value) and self._new_type(value) != FP32:
+                        raise GraphfuseError(
+                            f"cannot convert: subgraph of {_node_name(node, index)} reads "
+                            f"{value.name!r}, which would become {self.dtype}; control flow "
+                            "over converted tensors is not supported"
+                        )
 
     # -- types after conversion ----------------------------------------------------------------
 
-    def _new_type(self, name: str) -> int:
-        """The element type of float tensor `name` after conversion (constants excluded)."""
-        index = self.producer.get(name)
-        if index is None:  # graph input
-            return TensorProto.FLOAT if self.keep_io_types else self.low
-        return self.low if self.precision.get(index) == "low" else TensorProto.FLOAT
+    def _new_type(self, value: ir.Value) -> ir.DataType:
+        """The element type of float tensor `value` after conversion (constants excluded: those
+        read in both types get a low copy, see `_low_constants`)."""
+        node = value.producer()
+        if node is None:
+            io_type = FP32 if self.keep_io_types else self.low
+            return io_type if value.is_graph_input() else FP32
+        return self.low if self.precision.get(node) == "low" else FP32
 
     # -- rewriting -----------------------------------------------------------------------------
 
     def rewrite(self) -> None:
-        graph = self.graph
-        wanted = {
-            i: self.low if p == "low" else TensorProto.FLOAT for i, p in self.precision.items()
-        }
-        # Float constants read in the low type: converted in place, or duplicated when fp32
-        # readers remain (shared, de-duplicated initializers).
-        needs: dict[str, set[int]] = defaultdict(set)
-        for index, node in enumerate(graph.node):
-            if index in wanted and node.op_type != "Cast":
-                for name in node.input:
-                    if name in self.constants and self.is_float(name):
-                        needs[name].add(wanted[index])
-        low_name = {
-            name: name if TensorProto.FLOAT not in types else f"{name}_{self.dtype}"
-            for name, types in needs.items()
-            if self.low in types
-        }
-        new_nodes: list[onnx.NodeProto] = []
-        for name, converted in low_name.items():
-            self._convert_constant(name, converted, new_nodes)
+        """Insert the Casts and convert the constants, then retype: every rule above reads the
+        types of the model as given, so types change last."""
+        nodes = list(self.graph)  # before anything is inserted: report names use positions
+        wanted = {n: self.low if p == "low" else FP32 for n, p in self.precision.items()}
+        low_constants = self._low_constants(wanted)
+        casts: dict[tuple[ir.Value, ir.DataType], ir.Value] = {}
 
-        casts: dict[tuple[str, int], str] = {}
+        def cast_to(value: ir.Value, to: ir.DataType, reader: ir.Node) -> ir.Value:
+            # Inserted right before its first reader, hence after the producer: order holds.
+            if (value, to) not in casts:
+                suffix = "fp32" if to == FP32 else self.dtype
+                cast = self._cast(
+                    value, to, f"{value.name}/to_{suffix}", f"{value.name}/Cast_to_{suffix}"
+                )
+                self.graph.insert_before(reader, cast)
+                casts[value, to] = cast.outputs[0]
+            return casts[value, to]
 
-        def cast_to(name: str, to: int) -> str:
-            # Appended right before its first reader, hence after the producer: order holds.
-            if (name, to) not in casts:
-                suffix = "fp32" if to == TensorProto.FLOAT else self.dtype
-                casts[name, to] = f"{name}/to_{suffix}"
-                new_nodes.append(
-                    helper.make_node(
-                        "Cast", [name], [casts[name, to]], name=f"{name}/Cast_to_{suffix}",
-                        to=to, doc_string=_PROVENANCE,
-                    )
-                )  # fmt: skip
-                self.report.casts_inserted += 1
-            return casts[name, to]
-
-        for index, node in enumerate(graph.node):
-            if index not in wanted:
-                new_nodes.append(node)
+        for index, node in enumerate(nodes):
+            if node not in wanted:
                 continue
-            target = wanted[index]
+            target = wanted[node]
             if node.op_type == "Cast":
-                for attribute in node.attribute:
-                    if attribute.name == "to":
-                        attribute.i = target
+                node.attributes["to"] = ir.AttrInt64("to", target)
             else:
-                for position, name in enumerate(node.input):
-                    if not name or not self.is_float(name):
+                for position, value in enumerate(node.inputs):
+                    if value is None or not self.is_float(value):
                         continue
-                    if name in self.constants:
+                    if irs.is_constant(value):
                         if target == self.low:
-                            node.input[position] = low_name[name]
-                    elif self._new_type(name) != target:
-                        node.input[position] = cast_to(name, target)
+                            node.replace_input_with(position, low_constants[value])
+                    elif self._new_type(value) != target:
+                        node.replace_input_with(position, cast_to(value, target, node))
                 if node.op_type == "ConstantOfShape" and target == self.low:
-                    self._convert_attribute(node, "value")
+                    self._convert_value_attribute(node, default=np.zeros(1, np.float32))
             if target == self.low:
                 self.report.low_nodes += 1
             else:
                 self.report.fp32_nodes.append(_node_name(node, index))
-            new_nodes.append(node)
 
-        self._fix_graph_outputs(new_nodes)
-        del graph.node[:]
-        graph.node.extend(new_nodes)
+        self._fix_graph_outputs()
+        for value, low_value in low_constants.items():
+            if low_value is value:
+                self._convert_in_place(value)
         self._fix_graph_inputs()
-        del graph.value_info[:]  # stale types; shape inference recomputes them
+        for node, target in wanted.items():  # the float outputs take their node's precision
+            for out in node.outputs:
+                if self.is_float(out):
+                    out.dtype = target
 
-    def _convert_constant(self, name: str, low_name: str, new_nodes: list[onnx.NodeProto]) -> None:
-        initializers = {t.name: t for t in self.graph.initializer}
-        if name in initializers:
-            low = self._to_low(initializers[name], low_name)
-            if low_name == name:
-                initializers[name].CopyFrom(low)
-            else:
-                self.graph.initializer.append(low)
-            self.report.initializers_converted += 1
-            return
-        node = self.graph.node[self.producer[name]]  # a Constant node
-        if low_name == name:
-            self._convert_attribute(node, "value")
-            return
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.name = f"{node.name or name}_{self.dtype}"
-        copy.output[0] = low_name
-        copy.doc_string = _PROVENANCE
-        self._convert_attribute(copy, "value")
-        new_nodes.append(copy)
-
-    def _convert_attribute(self, node: onnx.NodeProto, attribute_name: str) -> None:
-        for attribute in node.attribute:
-            if attribute.name == attribute_name and attribute.t.data_type == TensorProto.FLOAT:
-                attribute.t.CopyFrom(self._to_low(attribute.t, attribute.t.name))
-
-    def _to_low(self, tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
-        values = numpy_helper.to_array(tensor).astype(np.float32)
-        if self.dtype == "fp16":
-            too_big = (np.abs(values) > _FP16_MAX) & np.isfinite(values)
-            self.report.values_clamped += int(np.count_nonzero(too_big))
-            values = np.where(too_big, np.sign(values) * _FP16_MAX, values)
-        return numpy_helper.from_array(values.astype(_NUMPY_LOW[self.dtype]), name)
-
-    def _fix_graph_outputs(self, new_nodes: list[onnx.NodeProto]) -> None:
-        wanted = TensorProto.FLOAT if self.keep_io_types else self.low
-        for output in self.graph.output:
-            name = output.name
-            if not self.is_float(name) or name in self.constants or name not in self.producer:
-                continue  # a graph input or a constant passed through: untouched
-            produced = self._new_type(name)
-            if produced == wanted:
-                output.type.tensor_type.elem_type = wanted
+    def _low_constants(self, wanted: Mapping[ir.Node, ir.DataType]) -> dict[ir.Value, ir.Value]:
+        """Each float constant read in the low type -> what its low readers read: the constant
+        itself, to be converted in place, or a low copy beside it when fp32 readers remain
+        (shared, de-duplicated initializers). A graph output or a subgraph's read counts as an
+        fp32 reader: neither changes type."""
+        needs: dict[ir.Value, set[ir.DataType]] = defaultdict(set)
+        for node, target in wanted.items():
+            if node.op_type == "Cast":
+                continue  # a Cast reads either type
+            for value in node.inputs:
+                if value is not None and irs.is_constant(value) and self.is_float(value):
+                    needs[value].add(target)
+        low: dict[ir.Value, ir.Value] = {}
+        for value, types in needs.items():
+            if self.low not in types:
                 continue
+            elsewhere = value.is_graph_output() or any(
+                use.node.graph is not self.graph for use in value.uses()
+            )
+            low[value] = self._low_copy(value) if FP32 in types or elsewhere else value
+        return low
+
+    def _low_copy(self, value: ir.Value) -> ir.Value:
+        name = f"{value.name}_{self.dtype}"
+        tensor = irs.tensor(value)
+        assert tensor is not None
+        if value.is_initializer():
+            copy = ir.val(name, self.low, _shape(tensor), const_value=self._to_low(tensor, name))
+            self.graph.register_initializer(copy)
+            self.report.initializers_converted += 1
+            return copy
+        node = value.producer()  # a Constant node
+        assert node is not None
+        constant = ir.node(
+            "Constant",
+            [],
+            {"value": self._to_low(tensor, name)},
+            name=f"{node.name or value.name}_{self.dtype}",
+            doc_string=_PROVENANCE,
+        )
+        out = constant.outputs[0]
+        out.name, out.dtype, out.shape = name, self.low, _shape(tensor)
+        self.graph.insert_after(node, constant)
+        return out
+
+    def _convert_in_place(self, value: ir.Value) -> None:
+        tensor = irs.tensor(value)
+        assert tensor is not None
+        if value.is_initializer():
+            value.const_value = self._to_low(tensor, value.name or "")
+            self.report.initializers_converted += 1
+        else:  # a Constant node, whichever attribute held its value
+            node = value.producer()
+            assert node is not None
+            node.attributes.clear()
+            node.attributes["value"] = ir.AttrTensor("value", self._to_low(tensor, tensor.name))
+        value.dtype = self.low
+
+    def _convert_value_attribute(self, node: ir.Node, default: np.ndarray) -> None:
+        tensor = node.attributes.get_tensor("value")
+        if tensor is None:
+            tensor = ir.tensor(default)
+        if tensor.dtype == FP32:
+            node.attributes["value"] = ir.AttrTensor("value", self._to_low(tensor, tensor.name))
+
+    def _to_low(self, tensor: ir.TensorProtocol, name: str | None) -> ir.LazyTensor:
+        """`tensor` in the low type, computed when the model is written (or read), so that the
+        fp32 and low copies of the weights are not all held at once."""
+        key = next(self._tensor_ids)
+
+        def convert() -> ir.Tensor:
+            values = np.asarray(irs.read(tensor), dtype=np.float32)
+            if self.dtype == "fp16":
+                too_big = (np.abs(values) > _FP16_MAX) & np.isfinite(values)
+                self._clamped[key] = int(np.count_nonzero(too_big))
+                values = np.where(too_big, np.sign(values) * _FP16_MAX, values)
+            return ir.Tensor(values.astype(_NUMPY_LOW[self.dtype]), dtype=self.low, name=name)
+
+        return ir.LazyTensor(convert, dtype=self.low, shape=_shape(tensor), name=name)
+
+    def _cast(self, value: ir.Value, to: ir.DataType, name: str, node_name: str) -> ir.Node:
+        cast = ir.node("Cast", [value], {"to": to}, name=node_name, doc_string=_PROVENANCE)
+        out = cast.outputs[0]
+        out.name, out.dtype, out.shape = name, to, value.shape
+        self.report.casts_inserted += 1
+        return cast
+
+    def _fix_graph_outputs(self) -> None:
+        wanted = FP32 if self.keep_io_types else self.low
+        outputs = self.graph.outputs
+        restored: dict[ir.Value, ir.Value] = {}  # a value listed twice gets one Cast
+        for position, output in enumerate(outputs):
+            if output in restored:
+                outputs[position] = restored[output]
+                continue
+            if not self.is_float(output) or output.producer() is None or irs.is_constant(output):
+                continue  # a graph input or a constant passed through: untouched
+            produced = self._new_type(output)
+            if produced == wanted:
+                continue  # retyped with its producer
             # The producer's output gets a new name; a Cast restores the graph output's name.
-            inner = f"{name}/{'fp32' if produced == TensorProto.FLOAT else self.dtype}"
-            for node in new_nodes:
-                node.output[:] = [inner if n == name else n for n in node.output]
-                node.input[:] = [inner if n == name else n for n in node.input]
-            new_nodes.append(
-                helper.make_node(
-                    "Cast", [inner], [name], name=f"{name}/Cast_out", to=wanted,
-                    doc_string=_PROVENANCE,
-                )
-            )  # fmt: skip
-            self.report.casts_inserted += 1
-            output.type.tensor_type.elem_type = wanted
+            name = output.name
+            output.name = f"{name}/{'fp32' if produced == FP32 else self.dtype}"
+            cast = self._cast(output, wanted, name or "", f"{name}/Cast_out")
+            self.graph.append(cast)
+            outputs[position] = restored[output] = cast.outputs[0]
 
     def _fix_graph_inputs(self) -> None:
         if self.keep_io_types:
             return
-        for info in self.graph.input:
-            if info.type.tensor_type.elem_type == TensorProto.FLOAT:
-                info.type.tensor_type.elem_type = self.low
+        for value in self.graph.inputs:
+            if isinstance(value.type, ir.TensorType) and value.dtype == FP32:
+                if value.const_value is not None:  # an initializer's default goes with its type
+                    value.const_value = self._to_low(value.const_value, value.name)
+                    self.report.initializers_converted += 1
+                value.dtype = self.low
+
+    def finish(self) -> ConversionReport:
+        """The report, once the model is written (converted weights count their clamps then)."""
+        self.report.values_clamped = sum(self._clamped.values())
+        return self.report
 
 
-def _load(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
+def _load(model: onnx.ModelProto | str | Path) -> ir.Model:
+    """`model` as an IR model: a proto is wrapped (never modified), a file's external weights
+    are read when needed, one at a time."""
     if isinstance(model, onnx.ModelProto):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return copy
-    from graphfuse import genai
+        return irs.from_proto(model)
+    from graphfuse import genai, onnx_io
 
     path = genai.model_file(model) if genai.is_folder(model) else Path(model)
     if not path.is_file():
         raise GraphfuseError(f"ONNX file not found: {path}")
-    return onnx.load(str(path))
+    return irs.from_proto(onnx_io.load(path), path.parent)
+
+
+def _convert(
+    model: onnx.ModelProto | str | Path, dtype: str, keep_io_types: bool
+) -> tuple[ir.Model, _Converter, list[str]]:
+    """The converted IR model (its weights converted when written), the converter (whose
+    `finish` gives the report) and the ops onnx does not know (for `_check`)."""
+    if dtype not in LOW_TYPES:
+        raise GraphfuseError(f"unknown dtype {dtype!r}: use 'fp16' or 'bf16'")
+    m = _load(model)
+    opset = next((v for d, v in m.opset_imports.items() if d in _STANDARD), 0)
+    if dtype == "bf16" and opset < 13:
+        raise GraphfuseError(f"bf16 needs opset >= 13 (Cast to bfloat16); the model has {opset}")
+    unknown = _unknown_ops(m)
+    if dtype == "bf16" and unknown:
+        raise GraphfuseError(
+            f"bf16 needs ops onnx knows, but the model has {', '.join(unknown)}; ONNX Runtime's "
+            "CPU kernels run no bf16 MatMul or GroupQueryAttention, so nothing here could run "
+            "or check the result: use fp16"
+        )
+    # Types: what the model declares (value_info: how ONNX Runtime's ops, unknown to onnx, are
+    # typed) and what onnx's shape inference adds; `classify` refuses a float node left untyped.
+    irs.infer_types(m)
+    converter = _Converter(m, dtype, keep_io_types)
+    converter.classify()
+    converter.rewrite()
+    for graph in m.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value = _read_later(value.const_value)
+    return m, converter, unknown
 
 
 def convert_precision(
@@ -446,33 +517,19 @@ def convert_precision(
     Norms and reductions stay in fp32 islands (see the module docstring). With `keep_io_types`
     the graph inputs and outputs stay fp32 (Casts at the edges), so the same feeds work.
     `model` may be an onnxruntime-genai folder: its model is converted (`convert_folder` writes
-    a whole folder). Returns the converted model (a copy) and a report.
+    a whole folder). Returns the converted model (a copy, weights inline) and a report.
     """
-    if dtype not in LOW_TYPES:
-        raise GraphfuseError(f"unknown dtype {dtype!r}: use 'fp16' or 'bf16'")
-    proto = _load(model)
-    opset = next((o.version for o in proto.opset_import if o.domain in _STANDARD), 0)
-    if dtype == "bf16" and opset < 13:
-        raise GraphfuseError(f"bf16 needs opset >= 13 (Cast to bfloat16); the model has {opset}")
-    unknown = _unknown_ops(proto)
-    if dtype == "bf16" and unknown:
-        raise GraphfuseError(
-            f"bf16 needs ops onnx knows, but the model has {', '.join(unknown)}; ONNX Runtime's "
-            "CPU kernels run no bf16 MatMul or GroupQueryAttention, so nothing here could run "
-            "or check the result: use fp16"
-        )
-    converter = _Converter(proto, dtype, keep_io_types)
-    converter.classify()
-    converter.rewrite()
+    converted, converter, unknown = _convert(model, dtype, keep_io_types)
+    proto = irs.to_proto(converted)  # converts the weights, one at a time
     if proto.ByteSize() < 2**31 - 1:  # a bigger one cannot be serialised to check in memory
         _check(proto, unknown)
-    return proto, converter.report
+    return proto, converter.finish()
 
 
 def _check(model: onnx.ModelProto | Path, unknown: list[str]) -> None:
     """The post-condition: onnx's checker and strict shape inference, or, where the model has
     ops they do not know, an ONNX Runtime session (schemas and kernels of ONNX Runtime's ops).
-    `model` in memory, or its file when it is too big to serialise (over 2 GB)."""
+    `model` in memory, or its file (a folder's model, written straight from the IR)."""
     if not unknown:
         try:
             if isinstance(model, Path):
@@ -526,11 +583,11 @@ def convert_folder(
         )
 
     def write(model_in: Path, model_out: Path) -> ConversionReport:
-        converted, report = convert_precision(model_in, dtype, keep_io_types=False)
+        # Straight from the IR to the file: each weight is read, converted and written in turn.
+        converted, converter, unknown = _convert(model_in, dtype, keep_io_types=False)
         onnx_io.save(converted, model_out)
-        if converted.ByteSize() >= 2**31 - 1:  # too big to check in memory: check the file
-            _check(model_out, _unknown_ops(converted))
-        return report
+        _check(model_out, unknown)
+        return converter.finish()
 
     return genai.transform_folder(Path(source), Path(output), write)
 
@@ -544,6 +601,8 @@ def _uses_bf16(model: onnx.ModelProto) -> bool:
     graph = model.graph
     if any(t.data_type == TensorProto.BFLOAT16 for t in graph.initializer):
         return True
+    if any(i.type.tensor_type.elem_type == TensorProto.BFLOAT16 for i in graph.input):
+        return True  # bf16 graph inputs (keep_io_types=False), perhaps with no bf16 weight
     for node in graph.node:
         for attribute in node.attribute:
             if attribute.name == "to" and attribute.i == TensorProto.BFLOAT16:
@@ -567,7 +626,12 @@ def run_model(
     """
     if runtime not in ("auto", "onnxruntime", "reference"):
         raise GraphfuseError(f"unknown runtime {runtime!r}: use auto, onnxruntime or reference")
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    # A file's weights are left to the runtime, which reads them itself.
+    proto = (
+        model
+        if isinstance(model, onnx.ModelProto)
+        else onnx.load(str(model), load_external_data=False)
+    )
     inputs = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}
     cast_feeds = {}
     for name, value in feeds.items():
@@ -580,7 +644,8 @@ def run_model(
     if runtime == "reference" or (runtime == "auto" and _uses_bf16(proto)):
         from onnx.reference import ReferenceEvaluator
 
-        return list(ReferenceEvaluator(proto).run(None, cast_feeds))
+        full = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+        return list(ReferenceEvaluator(full).run(None, cast_feeds))
     import onnxruntime as ort
 
     options = ort.SessionOptions()

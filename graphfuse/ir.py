@@ -126,12 +126,21 @@ def save(model: ir.Model, path: Path, *, external: bool | None = None) -> None:
 # -- values ------------------------------------------------------------------------------------
 
 
-def tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+def tensor(value: ir.Value | None, *, defaults: bool = False) -> ir.TensorProtocol | None:
     """The constant behind ``value``: an initializer's tensor or a Constant node's; None for a
-    computed value or an initializer that is also a graph input (a run may override it)."""
-    if value is None or value.is_graph_input():
+    computed value, or for an initializer that is also a graph input (a run may override it),
+    unless ``defaults`` (then its default value counts, as TensorRT's parser takes it)."""
+    if value is None or (value.is_graph_input() and not defaults):
         return None
-    return ir.convenience.get_const_tensor(value)
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
+        # onnx_ir's get_const_tensor would rename this tensor, and it may wrap the caller's
+        # own proto (from_proto does not copy): read it as it is
+        return node.attributes["value"].as_tensor()
+    try:
+        return ir.convenience.get_const_tensor(value)
+    except ValueError:  # a malformed Constant: not a constant we can read
+        return None
 
 
 def is_constant(value: ir.Value | None) -> bool:

@@ -30,6 +30,7 @@ import onnx_ir as ir
 
 from graphfuse.errors import GraphfuseError
 from graphfuse.ir import attr, from_proto, infer_types, load, read
+from graphfuse.ir import tensor as irs_tensor
 
 _T = ir.DataType
 _TYPE_CODES = {
@@ -183,7 +184,7 @@ def _is_constant(value: ir.Value | None) -> bool:
 def _value(value: ir.Value | None) -> np.ndarray | None:
     """A constant's values; None when computed, large and on disk, or unreadable."""
     try:
-        tensor = None if value is None else ir.convenience.get_const_tensor(value)
+        tensor = irs_tensor(value, defaults=True)
         if tensor is None or (
             isinstance(tensor, ir.ExternalTensor) and tensor.nbytes > _READ_LIMIT
         ):

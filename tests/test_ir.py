@@ -110,3 +110,23 @@ def test_save_streams_external_data_and_never_points_back(tmp_path: Path) -> Non
         path.unlink()  # the output reads nothing of the input's
     onnx.checker.check_model(str(out), full_check=True)
     assert onnx.load(str(out)).graph.initializer[0].raw_data
+
+
+def test_a_callers_proto_is_never_modified() -> None:
+    """The IR wraps a proto's tensors without copying them: reading a Constant, inspecting,
+    fusing, dropping attention, converting and checking must all leave the caller's proto as it
+    was, byte for byte (Constant nodes and CastLike constants included)."""
+    from graphfuse.convert import convert_precision
+    from graphfuse.models.synthetic import build_spelled
+    from graphfuse.passes.drop_attention import drop_attention
+    from graphfuse.trt_check import check_tensorrt
+
+    model = build_spelled("all_spellings", 16, [32, 32, 32], attention_after={0}).model
+    assert any(n.op_type == "Constant" for n in model.graph.node)
+    before = model.SerializeToString()
+    graphfuse.inspect(model)
+    graphfuse.fuse(model, "all")
+    drop_attention(model, [1])
+    convert_precision(model, "fp16")
+    check_tensorrt(model)
+    assert model.SerializeToString() == before
