@@ -208,7 +208,7 @@ def _weight(value: ir.Value, transposed: bool) -> tuple[Weight, list[ir.Node]]:
             raise NoMatch(f"weight transpose '{node.name}' is not a 2-D transpose")
         nodes.append(node)
         value, transposed = node.inputs[0], not transposed  # type: ignore[assignment]
-    if not is_constant(value):
+    if not _stored(value):
         return Weight(value.name or "", transposed, constant=False), nodes
     if len(constant_shape(value) or ()) != 2:
         raise NoMatch(f"weight '{value.name}' is not a matrix")
@@ -280,6 +280,8 @@ def match_projection(value: ir.Value) -> Projection:
         fan_out = columns[1] - columns[0]
     if len(biases) > 1:
         raise NoMatch(f"projection '{core.name}' has more than one bias")
+    if biases and not _stored(biases[0]):
+        raise NoMatch(f"bias '{biases[0].name}' of projection '{core.name}' is not an initializer")
     bias = None
     if biases:
         full = constant_shape(biases[0])[-1]  # type: ignore[index]
@@ -288,6 +290,12 @@ def match_projection(value: ir.Value) -> Projection:
     assert x is not None
     return Projection(x.name or "", value.name or "", weight, bias, (fan_in, fan_out),
                       frozenset(nodes), x)  # fmt: skip
+
+
+def _stored(value: ir.Value | None) -> bool:
+    """A constant the passes can read by name: an initializer that is not a graph input (a
+    Constant node that folding did not lift is a constant, but not one a weight may be)."""
+    return value is not None and value.is_initializer() and not value.is_graph_input()
 
 
 def _value_of(value: ir.Value | None) -> ir.Value | None:
@@ -306,7 +314,7 @@ def _nbits_weight(node: ir.Node) -> tuple[Weight, ir.Value | None]:
             "which graphfuse does not fuse"
         )
     for v in (b, scales, zero_points):
-        if v is not None and not is_constant(v):
+        if v is not None and not _stored(v):
             return Weight(v.name or "", constant=False), None
     assert b is not None and scales is not None
     attrs = {a.name: a.value for a in node.attributes.values()}
@@ -480,6 +488,9 @@ def match_norm(
             raise NoMatch(f"{op} '{reduce_node.name}' has a bias", near=True)
     if eps is None:
         raise NoMatch("norm has no constant eps added to the mean square", near=True)
+    for _, gain in gains:
+        if not _stored(gain):
+            raise NoMatch(f"norm gain '{gain.name}' is not an initializer", near=True)
     named = tuple((n, v.name or "") for n, v in gains)
     norm = Norm(x.name or "", z.name or "", nodes, eps, named, op)
     error = _norm_error(norm, x, z, {v for _, v in gains}, dtype, z_dtype, order, opsets)

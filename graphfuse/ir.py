@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,10 +47,12 @@ INLINE_LIMIT = 1 << 30
 # -- models in and out -------------------------------------------------------------------------
 
 
-def from_proto(proto: onnx.ModelProto, base_dir: Path | str | None = None) -> ir.Model:
+def from_proto(
+    proto: onnx.ModelProto, base_dir: Path | str | None = None, *, check_data: bool = True
+) -> ir.Model:
     """``proto`` as an IR model (tensors wrapped, not copied); external data is read from
     ``base_dir`` when a pass asks for it, and only from plain files inside it."""
-    if base_dir is not None:
+    if base_dir is not None and check_data:
         from graphfuse.onnx_io import check_external_data
 
         check_external_data(proto, Path(base_dir))
@@ -68,10 +71,12 @@ def from_proto(proto: onnx.ModelProto, base_dir: Path | str | None = None) -> ir
     return model
 
 
-def load(path: str | Path) -> ir.Model:
-    """A model file as an IR model; its external weights stay on disk until read."""
+def load(path: str | Path, *, check_data: bool = True) -> ir.Model:
+    """A model file as an IR model; its external weights stay on disk until read. Without
+    ``check_data``, data files are not looked at now (a missing one fails only when read;
+    onnx_ir still refuses a location outside the folder then)."""
     proto = onnx.load(str(path), load_external_data=False)
-    return from_proto(proto, Path(path).resolve().parent)
+    return from_proto(proto, Path(path).resolve().parent, check_data=check_data)
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
@@ -218,12 +223,19 @@ def infer_types(model: ir.Model) -> None:
     of an unexpected type would fail the whole inference, and the checker (`trt_check`) sees
     exactly such models. Where inference fails, what was declared stays (onnx_ir's notes on that
     are silenced: an unknown type is reported where it matters)."""
-    quiet = logging.getLogger("onnx_ir.passes.common.shape_inference")
+    with _quiet("onnx_ir.passes.common.shape_inference"):
+        infer = ir.passes.common.ShapeInferencePass
+        infer(check_type=False, strict_mode=False, data_prop=False)(model)
+
+
+@contextmanager
+def _quiet(logger: str):
+    """Only errors from ``logger`` while the block runs."""
+    quiet = logging.getLogger(logger)
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        infer = ir.passes.common.ShapeInferencePass
-        infer(check_type=False, strict_mode=False, data_prop=False)(model)
+        yield
     finally:
         quiet.setLevel(level)
 
@@ -268,8 +280,10 @@ def order(graph: ir.Graph) -> dict[ir.Node, int]:
 
 
 def remove_dead(model: ir.Model) -> None:
-    """Remove the nodes and initializers no graph output depends on (onnx_ir's pass)."""
-    ir.passes.common.RemoveUnusedNodesPass()(model)
+    """Remove the nodes and initializers no graph output depends on (onnx_ir's pass; its notes
+    on ops without an ONNX schema, logged with a stack each, are silenced)."""
+    with _quiet("onnx_ir.passes.common.unused_removal"):
+        ir.passes.common.RemoveUnusedNodesPass()(model)
 
 
 # -- passes ------------------------------------------------------------------------------------

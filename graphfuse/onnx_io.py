@@ -219,15 +219,20 @@ def save(
     except OSError as e:
         raise GraphfuseError(f"cannot write to {path.parent} ({e.strerror})") from None
     data = path.with_name(path.name + ".data")
+    kept = tmp / "previous.data"  # an earlier output's data, put back if this one fails
     moved = False
     try:
         irs.save(model, tmp / path.name)
         if (tmp / data.name).exists():
+            if data.exists():
+                os.replace(data, kept)
             os.replace(tmp / data.name, data)
             moved = True
         os.replace(tmp / path.name, path)
     except BaseException:
-        if moved:
+        if kept.exists():
+            os.replace(kept, data)
+        elif moved:
             data.unlink(missing_ok=True)
         raise
     finally:

@@ -96,11 +96,14 @@ def join(model: ir.Model, done: Split) -> None:
             name=original.name,
             doc_string=original.doc_string,
         )
+        for unused in node.outputs[1:3]:
+            unused.name = ""  # as the builder writes them (unnamed, onnx_ir would name them)
         old, new = [norm.outputs[0]], [node.outputs[0]]
         if keep_stream:
             old.append(stream)
             new.append(node.outputs[3])
-        ir.convenience.replace_nodes_and_values(graph, norm, [add, norm], [node], old, new)
+        # in the Add's place: whatever read the stream between the two still finds it
+        ir.convenience.replace_nodes_and_values(graph, add, [add, norm], [node], old, new)
 
 
 def _splittable(node: ir.Node) -> bool:

@@ -556,7 +556,10 @@ def _load(model: onnx.ModelProto | str | Path) -> ir.Model:
     if not isinstance(model, onnx.ModelProto) and not Path(model).is_file():
         raise GraphfuseError(f"ONNX file not found: {model}")
     # From a path, external weights stay on disk: only small constants are read.
-    loaded = from_proto(model) if isinstance(model, onnx.ModelProto) else load(model)
+    # A graph-only file is checked too: its data file is not needed (nor read past 64 KiB).
+    loaded = (
+        from_proto(model) if isinstance(model, onnx.ModelProto) else load(model, check_data=False)
+    )
     infer_types(loaded)
     return loaded
 

@@ -201,6 +201,7 @@ def drop_attention(
     """Remove the attention of ``layers`` from a proto; returns the new model and its report."""
     canonical, _ = canonicalize(model, base_dir)
     result = DropAttention(layers)(irs.from_proto(canonical, base_dir))
+    result.report.nodes_before = len(model.graph.node)  # as given, before constants were folded
     return irs.to_proto(result.model), result.report
 
 

@@ -27,8 +27,8 @@ Requires: blocks from `graphfuse.blocks.find_blocks` forming runs accepted by
 `graphfuse.runs.find_runs` (same eps, activation, dtype, H; interior values used nowhere else).
 Ensures: graph inputs and outputs keep their names, types and shapes; nodes and initializers
 outside the runs are untouched; new nodes are named ``graphfuse/ffn<a>-<b>/…`` and tagged in
-their doc_string; nodes and initializers left dead by the rewrite are removed (onnx_ir's
-`RemoveUnusedNodesPass`); order stays topological (the new nodes take the place of the run's
+their doc_string; nodes and initializers no output depends on are removed (onnx_ir's
+`RemoveUnusedNodesPass`: those the rewrite left dead, and any the input already had); order stays topological (the new nodes take the place of the run's
 last residual Add). New float weights are ``ir.LazyTensor``s: made when they are written, so a
 model saved to a file holds one run's weights in memory at a time, not all of them.
 """
@@ -107,7 +107,8 @@ class FuseFfn(irs.Pass):
             )  # fmt: skip
             if self.progress is not None:
                 self.progress.update(len(run))
-        irs.remove_dead(model)
+        if fused:
+            irs.remove_dead(model)
         return irs.Result(model, modified=bool(fused), report=fused)
 
 
@@ -133,7 +134,7 @@ class _Run:
             run,
         )
         first, last = run[0], run[-1]
-        self.prefix = f"graphfuse/ffn{first.index}-{last.index}"
+        self.prefix = _fresh(f"graphfuse/ffn{first.index}-{last.index}", graph)
         self.doc = f"{RULE}: FFN blocks {first.index}-{last.index} as one wide FFN"
         self.nodes: list[ir.Node] = []
         self.x = named[first.residual_in]
@@ -379,6 +380,17 @@ class _Run:
                 zp = unpack(zp, joined.bits, joined.blocks).astype(zero_points.dtype)
             zero_points = _like(zp, zero_points, joined)
         return packed, scales, zero_points
+
+
+def _fresh(prefix: str, graph: ir.Graph) -> str:
+    """``prefix``, or ``prefix#2``, … where a model fused before already has names under it
+    (fusing in stages: block numbers shift after each fusion)."""
+    taken = {name.rpartition("/")[0] for name in graph.initializers}
+    name, k = prefix, 1
+    while name in taken:
+        k += 1
+        name = f"{prefix}#{k}"
+    return name
 
 
 def _like(array: np.ndarray, stored: np.ndarray, quant) -> np.ndarray:

@@ -130,3 +130,81 @@ def test_a_callers_proto_is_never_modified() -> None:
     convert_precision(model, "fp16")
     check_tensorrt(model)
     assert model.SerializeToString() == before
+
+
+def test_a_fused_model_fuses_again_under_fresh_names() -> None:
+    """Fusing in stages: block numbers shift after a fusion, so a second run may be numbered
+    like the first one; its weights get names of their own and the result equals its parallel
+    reference."""
+    from graphfuse.api import parallel_reference
+    from graphfuse.runs import Run
+
+    model = build(16, [32, 32, 32, 32], seed=3).model
+    once, _ = graphfuse.fuse(model, "0-1")
+    twice, report = graphfuse.fuse(once, "0-1")
+    assert report.widths == [96]
+    onnx.checker.check_model(twice, full_check=True)
+    prefixes = {t.name.rpartition("/")[0] for t in twice.graph.initializer}
+    assert "graphfuse/ffn0-1#2" in prefixes
+    x = np.random.default_rng(0).standard_normal((1, 5, 16)).astype(np.float32)
+    reference = parallel_reference(graphfuse.inspect(once), [Run(0, 1)])
+    np.testing.assert_allclose(_run(twice, x), _run(reference, x), rtol=1e-5, atol=1e-5)
+
+
+def test_nothing_fused_leaves_every_node_even_dead_ones() -> None:
+    model = build(16, [32, 32]).model
+    model.graph.node.append(helper.make_node("Neg", ["x"], ["unused"], name="dead"))
+    fused, report = graphfuse.fuse(model, "all", keep_last=True)
+    assert report.notes and report.nodes_before == report.nodes_after == len(model.graph.node)
+    assert "dead" in {n.name for n in fused.graph.node}
+
+
+def test_skip_norms_come_back_as_the_builder_wrote_them(capfd) -> None:
+    """Skip norms are joined back with their outputs named as before (the unused mean and
+    inverse-std outputs unnamed), and the passes log nothing, even after onnxruntime's quantiser
+    turned logging on (it calls basicConfig on import)."""
+    import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401
+
+    from graphfuse.models.synthetic import Variant
+
+    variant = Variant(norm="skip", weights="nbits")
+    model = build(32, [64, 64, 64, 64], variant=variant).model
+    before = {n.name: list(n.output) for n in model.graph.node if n.op_type.startswith("Skip")}
+    assert before
+    capfd.readouterr()
+    fused, _ = graphfuse.fuse(model, "1-2")
+    assert capfd.readouterr().err == ""
+    after = {n.name: list(n.output) for n in fused.graph.node if n.op_type.startswith("Skip")}
+    # block 2's norm is now a branch of the run (on the run's input: no skip), block 1's feeds
+    # branch 0, and block 3's, just after the run, reads the run's input and the wide FFN
+    assert after.keys() == before.keys() - {"block2/norm/skip_rms"}
+    for outputs in after.values():
+        assert outputs[1:3] == ["", ""], outputs
+    assert after["block1/norm/skip_rms"][3] == before["block1/norm/skip_rms"][3]
+    assert after["block3/norm/skip_rms"] == before["block3/norm/skip_rms"]
+
+
+def test_drop_report_counts_the_nodes_given() -> None:
+    from graphfuse.models.synthetic import build_spelled
+    from graphfuse.passes.drop_attention import drop_attention
+
+    model = build_spelled("constant_castlike", 16, [32, 32], attention_after={0}).model
+    _, report = drop_attention(model, [1])
+    assert report.nodes_before == len(model.graph.node)
+
+
+def test_check_reads_a_graph_without_its_data_file(tmp_path: Path) -> None:
+    from graphfuse.trt_check import check_tensorrt
+
+    path = tmp_path / "m.onnx"
+    onnx.save(build(16, [32, 32]).model, path, save_as_external_data=True, size_threshold=0,
+              all_tensors_to_one_file=True, location="m.onnx.data")  # fmt: skip
+    (tmp_path / "m.onnx.data").unlink()
+    assert check_tensorrt(path) == []
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
