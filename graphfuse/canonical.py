@@ -14,7 +14,9 @@ constants (initializers that are not graph inputs, or outputs of constant nodes)
 ``CastLike`` whose data input is constant (its second input only lends its element type).
 The folding itself is onnxscript's (`onnxscript.optimizer.fold_constants`, then onnx_ir's
 `LiftConstantsToInitializersPass` and `RemoveUnusedNodesPass`), run on a small model holding
-only that subgraph, so that its rewrites can reach no other node: the rest of the graph keeps
+only that subgraph, so that its rewrites can reach no other node (its ``should_fold`` callback
+cannot promise that: onnxscript 0.7 asks it only after a node's own rewrites — Identity aliasing,
+static Shape/Size, no-op Cast — and then renames the whole model): the rest of the graph keeps
 its nodes, op types, order, names, custom domains (com.microsoft …), ir_version and opset
 imports; consumers of a folded value read the new initializer of the same name, and consumers
 of an ``Identity`` of a constant read the constant itself.
