@@ -44,6 +44,7 @@ from graphfuse.ir import (
     rank,
     read,
     readers,
+    runnable,
     scalar,
 )
 
@@ -452,9 +453,7 @@ def _island_signature(nodes: frozenset[ir.Node], entry: ir.Value, order: dict) -
 NORM_TOLERANCE: dict[int, float] = {onnx.TensorProto.FLOAT16: 1e-2, onnx.TensorProto.BFLOAT16: 5e-2}
 
 
-def match_norm(
-    z: ir.Value, x: ir.Value, dtype: int, z_dtype: int, order: dict, opsets: dict[str, int]
-) -> Norm:
+def match_norm(z: ir.Value, x: ir.Value, dtype: int, z_dtype: int, ctx: _Context) -> Norm:
     """The RMSNorm island between the residual stream ``x`` and the projections' input ``z``;
     ``dtype`` and ``z_dtype`` are their element types."""
     nodes, leaves = _island(z, lambda v: v is x, ELEMENTWISE | NORM_OPS)
@@ -468,7 +467,7 @@ def match_norm(
     # The gains: per-channel constants that multiply, and a norm op's scale input.
     gains: list[tuple[ir.Node, ir.Value]] = [
         (n, v)
-        for n in sorted(nodes, key=order.__getitem__)
+        for n in sorted(nodes, key=ctx.order.__getitem__)
         for v in n.inputs
         if v is not None and n.op_type == "Mul" and (constant_shape(v) or (1,))[-1] > 1
     ]
@@ -493,7 +492,7 @@ def match_norm(
             raise NoMatch(f"norm gain '{gain.name}' is not an initializer", near=True)
     named = tuple((n, v.name or "") for n, v in gains)
     norm = Norm(x.name or "", z.name or "", nodes, eps, named, op)
-    error = _norm_error(norm, x, z, {v for _, v in gains}, dtype, z_dtype, order, opsets)
+    error = _norm_error(norm, x, z, {v for _, v in gains}, (dtype, z_dtype), ctx)
     if error > NORM_TOLERANCE.get(dtype, 1e-4):
         raise NoMatch(
             f"norm does not compute x / rms(x) (max relative error {error:.1e})", near=True
@@ -514,60 +513,34 @@ def _norm_error(
     x: ir.Value,
     z: ir.Value,
     gains: set[ir.Value],
-    x_type: int,
-    z_type: int,
-    order: dict,
-    opsets: dict,
+    types: tuple[int, int],
+    ctx: _Context,
 ) -> float:
     """Evaluate the island with γ = 1 on a probe and compare it with x / sqrt(mean(x²) + eps).
 
-    Islands that compute the same thing up to value names share one evaluation."""
+    Islands that compute the same thing up to value names share one evaluation. The probe is
+    the island cut out of the graph (onnx_ir's ``extract``), its gains set to ones."""
     hidden = int(np.prod(constant_shape(next(iter(gains))))) if gains else 8  # type: ignore[arg-type]
-    key = (_island_signature(norm.nodes, x, order), x_type, hidden, norm.eps)
+    key = (_island_signature(norm.nodes, x, ctx.order), types[0], hidden, norm.eps)
     if key not in _NORM_ERRORS:
-        probe = _island_model(norm, x, z, gains, x_type, z_type, order, opsets)
-        _NORM_ERRORS[key] = _evaluate_norm(probe, x_type, hidden, norm.eps)
+        island = ir.convenience.extract(ctx.graph, [x], [z])
+        names = {g.name for g in gains}
+        for value in island.initializers.values():
+            if value.name in names:
+                ones = np.ones_like(read(value.const_value))  # type: ignore[arg-type]
+                value.const_value = ir.tensor(ones, name=value.name)
+        (fed,), (out,) = island.inputs, island.outputs
+        fed.dtype, out.dtype = ir.DataType(types[0]), ir.DataType(types[1])
+        fed.shape = None  # the probe's width is its own
+        for value in (v for node in island for v in node.outputs):
+            value.shape = None
+        probe = runnable(ir.Model(island, ir_version=10))
+        _NORM_ERRORS[key] = _evaluate_norm(probe, fed.name or "", types[0], hidden, norm.eps)
     return _NORM_ERRORS[key]
 
 
 # Bounded: one entry per distinct island spelling, and a model has a handful.
 _NORM_ERRORS: dict[tuple, float] = {}
-
-
-def _island_model(
-    norm: Norm,
-    x: ir.Value,
-    z: ir.Value,
-    gains: set[ir.Value],
-    x_type: int,
-    z_type: int,
-    order: dict,
-    opsets: dict[str, int],
-) -> onnx.ModelProto:
-    """The norm island as a standalone model with input "x" and its gain replaced by ones."""
-    nodes = sorted(norm.nodes, key=order.__getitem__)
-    constants = {
-        v for n in nodes for v in n.inputs if v is not None and v is not x and is_constant(v)
-    }
-    inits = []
-    for v in constants:
-        array = np.asarray(constant(v))
-        inits.append(onnx.numpy_helper.from_array(np.ones_like(array) if v in gains else array,
-                                                  v.name))  # fmt: skip
-    protos = []
-    for n in nodes:
-        proto = ir.serde.serialize_node(n)
-        proto.input[:] = ["x" if v is x else (v.name or "" if v else "") for v in n.inputs]
-        protos.append(proto)
-    graph = helper.make_graph(
-        protos,
-        "norm_probe",
-        [helper.make_tensor_value_info("x", x_type, None)],
-        [helper.make_tensor_value_info(z.name or "", z_type, None)],
-        inits,
-    )
-    imports = [helper.make_opsetid(domain, version) for domain, version in opsets.items()]
-    return helper.make_model(graph, opset_imports=imports, ir_version=10)
 
 
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -588,14 +561,14 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarra
     return list(session.run(None, feeds))
 
 
-def _evaluate_norm(model: onnx.ModelProto, x_type: int, hidden: int, eps: float) -> float:
+def _evaluate_norm(model: onnx.ModelProto, fed: str, x_type: int, hidden: int, eps: float) -> float:
     rng = np.random.default_rng(0)
     # Rows of very different scale: a missing sqrt, square or eps shows on one of them.
     x = (rng.standard_normal((1, 3, hidden)) * np.array([[[0.01], [1.0], [30.0]]])).astype(
         helper.tensor_dtype_to_np_dtype(x_type)
     )
     try:
-        (z,) = _run(model, {"x": x})
+        (z,) = _run(model, {fed: x})
     except Exception:  # an island no evaluator can run is not a norm we know
         return float("inf")
     x64 = x.astype(np.float64)
@@ -612,11 +585,10 @@ def _evaluate_norm(model: onnx.ModelProto, x_type: int, hidden: int, eps: float)
 class _Context:
     """What matching needs of the graph beyond the values themselves."""
 
-    def __init__(self, graph: ir.Graph, opsets: dict[str, int]) -> None:
+    def __init__(self, graph: ir.Graph) -> None:
         self.graph = graph
         self.order = {node: i for i, node in enumerate(graph)}
         self.outputs = frozenset(graph.outputs)
-        self.opsets = opsets
 
 
 def match_block(ctx: _Context, add: ir.Node) -> FfnBlock:
@@ -694,7 +666,7 @@ def _finish(
     for role, proj in (("gate", gate), ("up", up), ("down", down)):
         if not proj.weight.constant:
             raise NoMatch(f"{role} weight '{proj.weight.name}' is not a constant initializer")
-    norm = match_norm(z, x, elem_type(x) or dtype, dtype, ctx.order, ctx.opsets)  # type: ignore[arg-type]
+    norm = match_norm(z, x, elem_type(x) or dtype, dtype, ctx)  # type: ignore[arg-type]
     hidden, intermediate = gate.shape
     _bind_shapes(hidden, intermediate, norm, gate, up, down, ctx.graph.initializers)
     nodes = (
@@ -768,7 +740,7 @@ def find_blocks(
 ) -> tuple[list[FfnBlock], list[NearMiss]]:
     """Every FFN block of the graph in graph order, and the refused near misses (with
     ``all_misses``, every Add of two computed values that was refused, with its reason)."""
-    ctx = _Context(model.graph, dict(model.opset_imports))
+    ctx = _Context(model.graph)
     blocks: list[FfnBlock] = []
     misses: list[NearMiss] = []
     for at, node in enumerate(model.graph):
