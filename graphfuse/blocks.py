@@ -47,6 +47,7 @@ from graphfuse.ir import (
     runnable,
     scalar,
 )
+from graphfuse.ir import order as node_order
 
 CASTS = ("Cast", "CastLike")
 
@@ -587,7 +588,7 @@ class _Context:
 
     def __init__(self, graph: ir.Graph) -> None:
         self.graph = graph
-        self.order = {node: i for i, node in enumerate(graph)}
+        self.order = node_order(graph)
         self.outputs = frozenset(graph.outputs)
 
 

@@ -42,6 +42,7 @@ import onnx
 from onnx import external_data_helper, helper
 
 from graphfuse.errors import GraphfuseError
+from graphfuse.ir import remove_dead
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -127,7 +128,7 @@ def canonicalize(
         should_fold=lambda node: False if node.op_type == "Identity" else None,
     )
     ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(sub)
-    ir.passes.common.RemoveUnusedNodesPass()(sub)
+    remove_dead(sub)
 
     read = [value for node in boundary_nodes for value in node.inputs]
     resolved = dict(zip(chosen.boundary, read, strict=True))

@@ -14,6 +14,7 @@ import onnx_ir as ir
 
 from graphfuse.blocks import FfnBlock, NearMiss
 from graphfuse.ir import ATTENTION_OPS, elem_type, label, producer, readers, values
+from graphfuse.ir import order as node_order
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def _between(
     graph: ir.Graph, source: ir.Value, target: ir.Value, b: FfnBlock, misses: list[NearMiss]
 ) -> str:
     """Describe what stands on the residual stream between two blocks."""
-    order = {node: i for i, node in enumerate(graph)}
+    order = node_order(graph)
     # Nodes that depend on a's output and that b's input depends on, i.e. on a path between.
     stop = order[b.residual_add]
     after: set[ir.Node] = set()
